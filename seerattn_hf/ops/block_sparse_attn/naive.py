@@ -1,0 +1,71 @@
+"""Torch reference of block-sparse causal attention: the spec of the Triton and Flex versions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def naive_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_count: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    seq_offsets: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Causal attention restricted to the kept key blocks of each query block (float32 compute).
+
+    Args:
+        q: [B, HQ, T, D] (any strides).
+        k, v: [B, HKV, T, D], HQ % HKV == 0; query head h reads kv head h // (HQ // HKV).
+        block_idx: [B, HM, NB, K] int: kept key blocks of each query block, ascending; only the first
+            block_count entries are read. HM == HQ (a mask per query head) or HM == HKV (shared by the
+            query heads of a KV group). NB == ceil(T / block_size).
+        block_count: [B, HM, NB] int.
+        block_size: tokens per block.
+        scale: softmax scale, default D ** -0.5.
+        seq_offsets: [B] int or None: sequence b occupies positions [off_b, T) (left padding); its
+            blocks are counted from off_b. Padding rows output 0.
+        return_lse: also return the log-sum-exp of the scaled scores.
+
+    Returns:
+        o: [B, T, HQ, D] in q.dtype; with return_lse also lse: [B, HQ, T] float32 (-inf where a row
+        keeps no key).
+    """
+    B, HQ, T, D = q.shape
+    HKV, HM = k.shape[1], block_idx.shape[1]
+    G = HQ // HKV
+    scale = D**-0.5 if scale is None else scale
+    dev = q.device
+    o = torch.zeros(B, HKV, G, T, D, dtype=torch.float32, device=dev)
+    lse = torch.full((B, HKV, G, T), float("-inf"), dtype=torch.float32, device=dev)
+    heads = torch.arange(HKV, device=dev)[:, None, None]
+    offs = torch.arange(block_size, device=dev)
+    for b in range(B):
+        off = 0 if seq_offsets is None else int(seq_offsets[b])
+        qb = q[b].float().reshape(HKV, G, T, D)
+        kb, vb = k[b].float(), v[b].float()
+        # [HKV, G or 1, NB, K]: one list per query head, or one per KV group broadcast over G
+        idx = block_idx[b].long().reshape(HKV, -1, *block_idx.shape[2:])
+        cnt = block_count[b].long().reshape(HKV, -1, block_idx.shape[2])
+        for i in range((T - off + block_size - 1) // block_size):
+            q0 = off + i * block_size
+            q1 = min(q0 + block_size, T)
+            t = torch.arange(q0, q1, device=dev)
+            kept = torch.arange(idx.shape[-1], device=dev) < cnt[..., i, None]  # [HKV, g, K]
+            pos = off + idx[..., i, :, None].clamp(0, T) * block_size + offs  # [HKV, g, K, bs]
+            valid = (kept[..., None] & (pos < T)).flatten(-2)  # [HKV, g, L]
+            pos = pos.flatten(-2).clamp(max=T - 1)
+            kk, vv = kb[heads, pos], vb[heads, pos]  # [HKV, g, L, D]
+            s = torch.matmul(qb[:, :, q0:q1], kk.transpose(-1, -2)) * scale  # [HKV, G, m, L]
+            allowed = valid[..., None, :] & (pos[..., None, :] <= t[:, None])
+            s = s.masked_fill(~allowed, float("-inf"))
+            row_lse = torch.logsumexp(s, dim=-1)
+            p = torch.exp(s - row_lse[..., None]).nan_to_num(0.0)  # rows keeping nothing -> 0
+            o[b, :, :, q0:q1] = torch.matmul(p, vv)
+            lse[b, :, :, q0:q1] = row_lse
+    o = o.reshape(B, HQ, T, D).transpose(1, 2).to(q.dtype)
+    return (o, lse.reshape(B, HQ, T)) if return_lse else o
