@@ -1,0 +1,37 @@
+"""seerattn_hf: learned block-sparse attention (SeerAttention) for Hugging Face Transformers models.
+
+Importing the package needs neither a GPU nor triton: the Triton kernels load on first use.
+"""
+
+__version__ = "0.1.0"
+
+from .adapter import from_pretrained, load_gate_weights, push_gates_to_hub, save_gates
+from .config import SeerAttentionConfig
+from .patching import (
+    SUPPORTED_MODEL_TYPES,
+    apply_seer_attention,
+    gate_parameters,
+    get_sparsity_stats,
+    pop_distill_records,
+    remove_seer_attention,
+    reset_sparsity_stats,
+    set_attention_mode,
+    update_sparsity_config,
+)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "SeerAttentionConfig",
+    "apply_seer_attention",
+    "from_pretrained",
+    "gate_parameters",
+    "get_sparsity_stats",
+    "load_gate_weights",
+    "pop_distill_records",
+    "push_gates_to_hub",
+    "remove_seer_attention",
+    "reset_sparsity_stats",
+    "save_gates",
+    "set_attention_mode",
+    "update_sparsity_config",
+]

@@ -1,0 +1,207 @@
+"""The attention function registered with transformers: dense, sparse prefill or distillation.
+
+Each patched attention module carries a `SeerLayerState`. The registered function reads it, so
+per-layer settings never travel through `forward` keyword arguments (which `generate()` rejects).
+Dependencies point one way: this module uses the gate, the selectors and the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import SeerAttentionConfig
+from .gate import SeerGate, num_blocks, valid_block_rows
+from .ops.block_sparse_attn import (
+    flex_block_sparse_attention,
+    naive_block_sparse_attention,
+    triton_block_sparse_attention,
+)
+from .ops.pooled_attn import naive_pooled_attention, triton_pooled_attention
+from .selectors import (
+    block_density_counts,
+    mask_to_block_lists,
+    pooled_score_probs,
+    select_blocks,
+    share_across_kv_group,
+    streaming_scores,
+)
+
+MODES = ("dense", "sparse", "distill")
+
+
+@dataclass
+class DistillRecord:
+    """What one layer produced in distillation mode (one forward).
+
+    target: `[B, HQ, NB, NB]` float32 block max-pooled attention map, rows summing to 1.
+    gate_log_probs: `[B, HQ, NB, NB]` float32, differentiable w.r.t. the gate, -inf above the diagonal.
+    row_valid: `[B, NB]` bool, query blocks holding real tokens.
+    """
+
+    layer_idx: int
+    target: torch.Tensor
+    gate_log_probs: torch.Tensor
+    row_valid: torch.Tensor
+
+
+@dataclass
+class SeerLayerState:
+    """Runtime state of one patched attention module."""
+
+    layer_idx: int
+    config: SeerAttentionConfig
+    dense_attention: Callable
+    mode: str = "sparse"
+    captured_query: torch.Tensor | None = None
+    captured_key: torch.Tensor | None = None
+    kept_blocks: torch.Tensor | None = None
+    causal_blocks: torch.Tensor | None = None
+    distill_record: DistillRecord | None = None
+    hooks: list = field(default_factory=list)
+
+    @property
+    def needs_gate_inputs(self) -> bool:
+        return self.mode == "distill" or (self.mode == "sparse" and self.config.selector == "gate")
+
+    def take_captured(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        query, key = self.captured_query, self.captured_key
+        self.captured_query = self.captured_key = None
+        return query, key
+
+    def add_counts(self, kept: torch.Tensor, causal: torch.Tensor) -> None:
+        # Kept on the device as tensors: reading them would synchronise every layer.
+        if self.kept_blocks is None:
+            self.kept_blocks, self.causal_blocks = kept, causal
+        else:
+            self.kept_blocks = self.kept_blocks + kept
+            self.causal_blocks = self.causal_blocks + causal
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend in ("triton", "flex") and device.type != "cuda":
+        raise ValueError(f"backend={backend!r} needs CUDA tensors, found tensors on {device}; "
+                         "use backend='torch' or 'auto' on this device")
+    return backend
+
+
+def block_sparse_attention(query, key, value, block_idx, block_count, block_size, scale,
+                           seq_offsets, backend: str) -> torch.Tensor:
+    """Dispatch to the block-sparse attention of `backend`; returns `[B, T, HQ, D]`."""
+    implementation = {
+        "torch": naive_block_sparse_attention,
+        "triton": triton_block_sparse_attention,
+        "flex": flex_block_sparse_attention,
+    }[resolve_backend(backend, query.device)]
+    return implementation(query, key, value, block_idx, block_count, block_size, scale=scale,
+                          seq_offsets=seq_offsets)
+
+
+def pooled_attention(query, key, value, block_size, scale, seq_offsets,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention `[B, T, HQ, D]` and the block max-pooled map `[B, HQ, NB, NB]`."""
+    implementation = (triton_pooled_attention if resolve_backend(backend, query.device) == "triton"
+                      else naive_pooled_attention)
+    return implementation(query, key, value, block_size, scale=scale, seq_offsets=seq_offsets)
+
+
+def left_padding_offsets(attention_mask: torch.Tensor | None, batch: int,
+                         kv_length: int) -> torch.Tensor | None:
+    """Left-padding length of each sequence, read off the mask transformers built, or None.
+
+    Accepts 2D padding masks, 4D boolean (sdpa) and 4D additive float (eager) masks. Anything that
+    is not causal attention with left padding is refused: sparse prefill would silently ignore it.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        last_row = attention_mask[:, 0, -1, :]
+        allowed = last_row if last_row.dtype == torch.bool else last_row == 0
+    elif attention_mask.dim() == 2:
+        allowed = attention_mask.bool()
+    else:
+        raise ValueError(f"SeerAttention expects a 2D or 4D attention mask, found shape {tuple(attention_mask.shape)}")
+    allowed = allowed[:, -kv_length:].expand(batch, kv_length)
+    offsets = kv_length - allowed.sum(dim=-1)
+    positions = torch.arange(kv_length, device=allowed.device)
+    if not torch.equal(allowed, positions[None, :] >= offsets[:, None]):
+        raise ValueError("SeerAttention sparse prefill supports causal attention with left padding only; "
+                         "found a mask with padding on the right or holes (pad on the left: "
+                         "tokenizer.padding_side = 'left')")
+    return offsets if bool(offsets.any()) else None
+
+
+def _gate_inputs_or_fail(state: SeerLayerState):
+    captured_query, captured_key = state.take_captured()
+    if captured_query is None or captured_key is None:
+        raise RuntimeError(f"layer {state.layer_idx}: the gate's pre-RoPE query/key were not captured; "
+                           "the attention module was called without its q/k projections running")
+    return captured_query.detach(), captured_key.detach()
+
+
+def _block_probs(state: SeerLayerState, gate: SeerGate, query, key, value, scale,
+                 seq_offsets) -> torch.Tensor:
+    config = state.config
+    if config.selector == "gate":
+        captured_query, captured_key = _gate_inputs_or_fail(state)
+        with torch.no_grad():
+            return gate(captured_query, captured_key, seq_offsets).exp()
+    if config.selector == "oracle":
+        return pooled_attention(query, key, value, config.block_size, scale, seq_offsets, config.backend)[1]
+    if config.selector == "pooled_score":
+        return pooled_score_probs(query, key, config.block_size, seq_offsets)
+    if config.sparsity_method != "density":
+        raise ValueError(f"selector='streaming' ranks blocks by position and needs sparsity_method='density', "
+                         f"found {config.sparsity_method!r}")
+    blocks = num_blocks(query.shape[2], config.block_size)
+    return streaming_scores(query.shape[0], query.shape[1], blocks, query.device)
+
+
+def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float | None = None,
+                           dropout: float = 0.0, **kwargs):
+    """The function transformers calls in place of its own attention (same signature and result).
+
+    query: `[B, HQ, T, D]` post-RoPE; key/value: `[B, HKV, S, D]`. Returns (`[B, T, HQ, D]`, None).
+    """
+    state: SeerLayerState | None = getattr(module, "seer_state", None)
+    if state is None:
+        raise RuntimeError("seer attention was called on a module that apply_seer_attention did not patch")
+    config = state.config
+    query_length, key_length = query.shape[2], key.shape[2]
+    prefill = query_length == key_length and query_length >= max(config.min_sparse_length, 1)
+    if state.mode == "dense" or not prefill:
+        # Decoding steps and prompts continued from a cache run dense over the KV cache.
+        state.take_captured()
+        return state.dense_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                     dropout=dropout, **kwargs)
+
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    batch = query.shape[0]
+    seq_offsets = left_padding_offsets(attention_mask, batch, key_length)
+    row_valid = valid_block_rows(query_length, config.block_size, seq_offsets, batch, query.device)
+    gate: SeerGate = module.seer_gate
+
+    if state.mode == "distill":
+        captured_query, captured_key = _gate_inputs_or_fail(state)
+        with torch.no_grad():
+            output, target = pooled_attention(query, key, value, config.block_size, scale, seq_offsets,
+                                              config.backend)
+        gate_log_probs = gate(captured_query, captured_key, seq_offsets)
+        state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
+        return output, None
+
+    probs = _block_probs(state, gate, query, key, value, scale, seq_offsets)
+    if config.mask_sharing == "kv_group":
+        probs = share_across_kv_group(probs, key.shape[1])
+    mask = select_blocks(config, probs, row_valid)
+    state.add_counts(*block_density_counts(mask, row_valid))
+    block_idx, block_count = mask_to_block_lists(mask)
+    output = block_sparse_attention(query, key, value, block_idx, block_count, config.block_size, scale,
+                                    seq_offsets, config.backend)
+    return output, None

@@ -1,0 +1,145 @@
+"""Block selection: block scores (gate, oracle or a training-free baseline) -> a block mask.
+
+Every selector produces scores `[B, H, NB, NB]` that are probabilities over each row's causal key
+blocks; `select_blocks` turns them into a boolean block mask by threshold, density (per-row top-k)
+or coverage, then adds the blocks that are always kept. `mask_to_block_lists` packs the mask into
+the compact per-row lists the kernels walk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import SeerAttentionConfig
+from .gate import num_blocks, pool_blocks_padded
+
+
+def causal_block_mask(blocks: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(blocks, blocks, dtype=torch.bool, device=device).tril()
+
+
+def pooled_score_probs(query: torch.Tensor, key: torch.Tensor, block_size: int,
+                       seq_offsets: torch.Tensor | None) -> torch.Tensor:
+    """Training-free block scores (as MoBA and Quest score blocks): softmax over key blocks of the
+    mean-pooled, post-RoPE q.k per block.
+
+    query: `[B, HQ, T, D]`, key: `[B, HKV, T, D]` -> `[B, HQ, NB, NB]`.
+    """
+    pooled_q = pool_blocks_padded(query.transpose(1, 2), ["avg"], block_size, seq_offsets)
+    pooled_k = pool_blocks_padded(key.transpose(1, 2), ["avg"], block_size, seq_offsets)
+    groups = query.shape[1] // key.shape[1]
+    pooled_k = pooled_k.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bihd,bjhd->bhij", pooled_q, pooled_k) / math.sqrt(query.shape[-1])
+    blocks = scores.shape[-1]
+    causal = causal_block_mask(blocks, scores.device)
+    return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
+def streaming_scores(batch: int, heads: int, blocks: int, device: torch.device) -> torch.Tensor:
+    """A ranking, not probabilities: the first block first, then key blocks from the most recent back."""
+    columns = torch.arange(blocks, device=device, dtype=torch.float32)
+    scores = (columns + 1.0).expand(blocks, blocks).clone()
+    scores[:, 0] = float(blocks + 1)
+    scores = scores.masked_fill(~causal_block_mask(blocks, device), float("-inf"))
+    return scores.expand(batch, heads, blocks, blocks)
+
+
+def forced_blocks(config: SeerAttentionConfig, blocks: int, device: torch.device) -> torch.Tensor:
+    """`[NB, NB]` blocks kept whatever the scores: the diagonal, the first `keep_first_blocks`
+    blocks and `keep_recent_blocks` blocks before the diagonal."""
+    rows = torch.arange(blocks, device=device)[:, None]
+    columns = torch.arange(blocks, device=device)[None, :]
+    forced = (columns == rows) | (columns < config.keep_first_blocks)
+    forced |= (columns < rows) & (columns >= rows - config.keep_recent_blocks)
+    return forced & (columns <= rows)
+
+
+def select_blocks(config: SeerAttentionConfig, scores: torch.Tensor,
+                  row_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Turn block scores `[B, H, NB, NB]` into a boolean block mask of the same shape.
+
+    Only causal blocks are ever kept. `row_valid` (`[B, NB]`) marks query blocks holding real
+    tokens; other rows keep just their diagonal block.
+    """
+    batch, heads, blocks, _ = scores.shape
+    device = scores.device
+    causal = causal_block_mask(blocks, device)
+    forced = forced_blocks(config, blocks, device)
+    method = config.sparsity_method
+    if method == "threshold":
+        keep = scores > config.threshold
+    elif method == "density":
+        # Rank within each row, forced blocks first; keep ceil(density * causal blocks in the row).
+        ranked = scores.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
+        order = ranked.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(blocks, device=device).expand_as(order))
+        budget = torch.ceil(config.density * torch.arange(1, blocks + 1, device=device, dtype=torch.float64))
+        keep = rank < budget.to(rank.dtype)[:, None]
+    else:
+        # Fewest blocks whose probabilities reach the coverage: a block is kept while the mass
+        # ranked above it is still short of the target.
+        sorted_scores, order = scores.masked_fill(~causal, 0.0).sort(dim=-1, descending=True, stable=True)
+        mass_before = sorted_scores.cumsum(dim=-1) - sorted_scores
+        keep_sorted = mass_before < config.coverage * sorted_scores.sum(dim=-1, keepdim=True)
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    keep = (keep | forced) & causal
+    if config.dense_last_query_block:
+        keep = _dense_last_rows(keep, causal, row_valid)
+    if row_valid is not None:
+        diagonal_only = torch.eye(blocks, dtype=torch.bool, device=device)
+        keep = torch.where(row_valid[:, None, :, None], keep, diagonal_only)
+    return keep
+
+
+def _dense_last_rows(keep: torch.Tensor, causal: torch.Tensor,
+                     row_valid: torch.Tensor | None) -> torch.Tensor:
+    blocks = keep.shape[-1]
+    if row_valid is None:
+        keep[:, :, -1] = causal[-1]
+        return keep
+    last_row = row_valid.sum(dim=-1) - 1  # [B]: each sequence's last real query block
+    is_last = torch.arange(blocks, device=keep.device)[None, :] == last_row[:, None]
+    return keep | (is_last[:, None, :, None] & causal)
+
+
+def mask_to_block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack a block mask `[B, H, NB, NB]` into kept-block lists.
+
+    Returns `block_idx: [B, H, NB, K]` int32 (ascending kept key blocks, padded with the row's
+    last kept block) and `block_count: [B, H, NB]` int32, with K the largest row count.
+    """
+    blocks = mask.shape[-1]
+    count = mask.sum(dim=-1, dtype=torch.int32)
+    width = max(int(count.max()), 1) if count.numel() else 1
+    columns = torch.arange(blocks, device=mask.device, dtype=torch.int32)
+    keys = torch.where(mask, columns, torch.full_like(columns, blocks))
+    idx = keys.topk(width, dim=-1, largest=False, sorted=True).values
+    last = idx.gather(-1, (count.long() - 1).clamp(min=0).unsqueeze(-1))
+    idx = torch.where(idx == blocks, last, idx).clamp(max=blocks - 1)
+    return idx.to(torch.int32).contiguous(), count
+
+
+def block_density_counts(mask: torch.Tensor, row_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept and causal block counts of the real (non-padding) rows of a mask, per head: two `[H]` tensors."""
+    blocks = mask.shape[-1]
+    causal = causal_block_mask(blocks, mask.device)
+    rows = torch.ones(mask.shape[0], blocks, dtype=torch.bool, device=mask.device) if row_valid is None else row_valid
+    kept = (mask & causal & rows[:, None, :, None]).sum(dim=(0, 2, 3))
+    per_row = torch.arange(1, blocks + 1, device=mask.device)
+    total = (rows * per_row).sum().expand(mask.shape[1])
+    return kept, total
+
+
+def share_across_kv_group(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """One score map per KV head for `mask_sharing="kv_group"`: the max over the group's query heads
+    (a block any head needs is kept for the whole group)."""
+    batch, heads, blocks, _ = probs.shape
+    return probs.view(batch, num_kv_heads, heads // num_kv_heads, blocks, blocks).amax(dim=2)
+
+
+__all__ = [
+    "block_density_counts", "causal_block_mask", "forced_blocks", "mask_to_block_lists",
+    "num_blocks", "pooled_score_probs", "select_blocks", "share_across_kv_group", "streaming_scores",
+]
