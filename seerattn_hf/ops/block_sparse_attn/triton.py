@@ -1,0 +1,278 @@
+"""Triton block-sparse causal attention forward (GQA native, left padding, optional lse).
+
+Each program owns one query block of GM query heads of one KV group: a tile of GM * BLOCK_Q rows
+(GM > 1 only when the heads share one block list, i.e. one mask per KV head). It walks only its compact
+list of kept key blocks, BLOCK_N key rows per step; a step may gather several kept blocks (rows come
+from arbitrary blocks, loaded through per-row pointers) or a part of one. Kept blocks before the
+diagonal need no causal mask; a binary search over the ascending list finds where they end, so only
+the one step holding the diagonal block is masked.
+
+The same kernel with DENSE=True ignores the lists and attends every causal key (used by the pooled
+attention target).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def block_sparse_attn_fwd_kernel(
+    q, k, v, o, lse, block_idx, block_count, seq_offsets,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_ot, stride_oh,
+    stride_ib, stride_ih, stride_in,
+    stride_cb, stride_ch,
+    T, n_qblocks, qk_scale,
+    HQ: tl.constexpr, G: tl.constexpr, GM: tl.constexpr, MASK_PER_QHEAD: tl.constexpr,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, KBS: tl.constexpr, BLOCK_N: tl.constexpr,
+    DENSE: tl.constexpr, HAS_OFFSETS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """q: [B, HQ, T, D]; k, v: [B, HKV, T, D]; o: [B, T, HQ, D]; lse: [B, HQ, T] float32 (log2 units
+    are converted to natural log on store); block_idx: [B, HM, NB, K] int32; block_count: [B, HM, NB].
+    Grid: (n_qblocks * G // GM, HKV, B), the heaviest (last) query blocks first."""
+    BLOCK_M: tl.constexpr = GM * BLOCK_Q
+    pid = tl.program_id(0)
+    i_kvh = tl.program_id(1)
+    i_b = tl.program_id(2)
+    n_htiles: tl.constexpr = G // GM
+    i_q = n_qblocks - 1 - pid // n_htiles
+    h0 = i_kvh * G + (pid % n_htiles) * GM
+
+    off = 0
+    if HAS_OFFSETS:
+        off = tl.load(seq_offsets + i_b).to(tl.int32)
+    n_seq_blocks = tl.cdiv(T - off, BLOCK_Q)
+
+    r = tl.arange(0, BLOCK_M)
+    r_head = h0 + r // BLOCK_Q
+    d = tl.arange(0, D)
+    o_rows = o + i_b * stride_ob + r_head * stride_oh
+    lse_rows = lse + (i_b * HQ + r_head) * T
+
+    if i_q >= n_seq_blocks:
+        # No sequence block here: this program zeroes part of the left padding instead. A grid of
+        # ceil(T / BLOCK_Q) + 1 query blocks always has enough such programs to cover [0, off).
+        t = (i_q - n_seq_blocks) * BLOCK_Q + r % BLOCK_Q
+        pad = t < off
+        tl.store(o_rows[:, None] + t[:, None] * stride_ot + d[None, :],
+                 tl.zeros([BLOCK_M, D], dtype=o.dtype.element_ty), mask=pad[:, None])
+        if RETURN_LSE:
+            tl.store(lse_rows + t, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=pad)
+        return
+
+    t_q = off + i_q * BLOCK_Q + r % BLOCK_Q
+    row_ok = t_q < T
+    q_tile = tl.load(q + i_b * stride_qb + r_head[:, None] * stride_qh + t_q[:, None] * stride_qt
+                     + d[None, :], mask=row_ok[:, None], other=0.0)
+
+    if DENSE:
+        n_full = (i_q * BLOCK_Q) // KBS
+        n_end = tl.cdiv(tl.minimum((i_q + 1) * BLOCK_Q, T - off), KBS)
+        idx_row = block_idx  # unused
+    else:
+        i_m = h0 if MASK_PER_QHEAD else i_kvh
+        idx_row = block_idx + i_b * stride_ib + i_m * stride_ih + i_q * stride_in
+        count = tl.load(block_count + i_b * stride_cb + i_m * stride_ch + i_q)
+        # kept blocks are ascending: binary search for the first one at or after the diagonal
+        lo = tl.full([], 0, tl.int32)
+        hi = count.to(tl.int32)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            before = tl.load(idx_row + mid) < i_q
+            lo = tl.where(before, mid + 1, lo)
+            hi = tl.where(before, hi, mid)
+        n_full = lo
+        n_end = tl.minimum(count, n_full + 1)  # the diagonal block, if kept; later ones add nothing
+
+    k_base = k + i_b * stride_kb + i_kvh * stride_kh
+    v_base = v + i_b * stride_vb + i_kvh * stride_vh
+    c = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+    # steps wholly before the diagonal: no mask at all
+    for step in range(0, (n_full * KBS) // BLOCK_N):
+        col = step * BLOCK_N + c
+        if DENSE:
+            t_k = off + col
+        else:
+            t_k = off + tl.load(idx_row + col // KBS) * KBS + col % KBS
+        k_tile = tl.load(k_base + t_k[:, None] * stride_kt + d[None, :])
+        v_tile = tl.load(v_base + t_k[:, None] * stride_vt + d[None, :])
+        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile,
+                                            input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    # the step(s) holding the diagonal: causal, partial last block, end of the list
+    for step in range((n_full * KBS) // BLOCK_N, tl.cdiv(n_end * KBS, BLOCK_N)):
+        col = step * BLOCK_N + c
+        entry = col // KBS
+        in_list = entry < n_end
+        if DENSE:
+            t_k = off + col
+        else:
+            t_k = off + tl.load(idx_row + entry, mask=in_list, other=0) * KBS + col % KBS
+        k_ok = in_list & (t_k < T)
+        k_tile = tl.load(k_base + t_k[:, None] * stride_kt + d[None, :], mask=k_ok[:, None], other=0.0)
+        v_tile = tl.load(v_base + t_k[:, None] * stride_vt + d[None, :], mask=k_ok[:, None], other=0.0)
+        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(k_ok[None, :] & (t_k[None, :] <= t_q[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept so far
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile,
+                                            input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(o_rows[:, None] + t_q[:, None] * stride_ot + d[None, :], acc.to(o.dtype.element_ty),
+             mask=row_ok[:, None])
+    if RETURN_LSE:
+        row_lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634  # log2 -> ln
+        row_lse = tl.where(empty, float("-inf"), row_lse)
+        tl.store(lse_rows + t_q, row_lse, mask=row_ok)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_attention_inputs(q, k, v, block_size):
+    """Shared argument checks of the Triton attention launchers; returns (B, HQ, HKV, T, D)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected q [B, HQ, T, D], k/v [B, HKV, T, D]; found {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, HQ, T, D = q.shape
+    HKV = k.shape[1]
+    if k.shape != (B, HKV, T, D) or v.shape != k.shape or HQ % HKV != 0:
+        raise ValueError(f"expected k and v of shape [B={B}, HKV, T={T}, D={D}] with HQ={HQ} a multiple "
+                         f"of HKV; found {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"expected q, k, v of one dtype among float16, bfloat16, float32; found "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.is_cuda or _interpreting()) or k.device != q.device or v.device != q.device:
+        raise ValueError(f"expected q, k, v on one CUDA device (or TRITON_INTERPRET=1); found "
+                         f"{q.device}, {k.device}, {v.device}")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"expected head_dim a power of two in [16, 256]; found {D}")
+    if block_size < 16 or block_size > 128 or block_size & (block_size - 1):
+        raise ValueError(f"expected block_size a power of two in [16, 128]; found {block_size}")
+    return B, HQ, HKV, T, D
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def default_config(block_size, D, G, heads_per_tile_max, dtype):
+    """(heads_per_tile, block_n, num_warps, num_stages) for the H100/H200 class; small in the interpreter."""
+    gm = 1
+    while gm * 2 <= heads_per_tile_max and G % (gm * 2) == 0 and gm * 2 * block_size <= 128:
+        gm *= 2
+    if _interpreting():
+        return gm, block_size, 4, 1
+    block_m = gm * block_size
+    block_n = 64 if (D > 128 or dtype == torch.float32) else 128
+    num_warps = 8 if block_m >= 128 else 4
+    num_stages = 2 if D > 128 else 3
+    return gm, block_n, num_warps, num_stages
+
+
+def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=None, seq_offsets=None,
+                          return_lse=False, dense=False, block_q=None, heads_per_tile=None,
+                          block_n=None, num_warps=None, num_stages=None):
+    """Launcher. Shapes as in `triton_block_sparse_attention`; dense=True ignores block_idx/count
+    (pass None) and attends every causal key, with query blocks of block_q rows (default block_size).
+    heads_per_tile / block_n / num_warps / num_stages override the heuristic (benchmarks)."""
+    B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
+    G = HQ // HKV
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    if dense:
+        HM = HKV
+        block_q = block_q or block_size
+        block_idx = block_count = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
+    else:
+        block_q = block_size
+        NB = triton.cdiv(T, block_size)
+        HM = block_idx.shape[1] if block_idx.dim() == 4 else -1
+        if block_idx.dim() != 4 or block_idx.shape[:3] != (B, HM, NB) or HM not in (HQ, HKV):
+            raise ValueError(f"expected block_idx [B={B}, HM in ({HQ}, {HKV}), NB={NB}, K]; found "
+                             f"{tuple(block_idx.shape)}")
+        if tuple(block_count.shape) != (B, HM, NB):
+            raise ValueError(f"expected block_count [B={B}, HM={HM}, NB={NB}]; found "
+                             f"{tuple(block_count.shape)}")
+        if block_idx.dtype != torch.int32 or block_idx.stride(-1) != 1:
+            block_idx = block_idx.to(torch.int32).contiguous()
+        if block_count.dtype != torch.int32 or block_count.stride(-1) != 1:
+            block_count = block_count.to(torch.int32).contiguous()
+    mask_per_qhead = (not dense) and HM == HQ and G > 1
+    gm, bn, nw, ns = default_config(block_q, D, G, 1 if mask_per_qhead else G, q.dtype)
+    gm = heads_per_tile or gm
+    bn, nw, ns = block_n or bn, num_warps or nw, num_stages or ns
+    if G % gm or (mask_per_qhead and gm != 1):
+        raise ValueError(f"heads_per_tile must divide G={G} (and be 1 with per-query-head masks); found {gm}")
+    if seq_offsets is not None and tuple(seq_offsets.shape) != (B,):
+        raise ValueError(f"expected seq_offsets [B={B}]; found {tuple(seq_offsets.shape)}")
+    scale = D**-0.5 if scale is None else scale
+
+    o = torch.empty(B, T, HQ, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device) if return_lse else o
+    n_qblocks = triton.cdiv(T, block_q) + (1 if seq_offsets is not None else 0)
+    grid = (n_qblocks * (G // gm), HKV, B)
+    block_sparse_attn_fwd_kernel[grid](
+        q, k, v, o, lse, block_idx, block_count, seq_offsets if seq_offsets is not None else o,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
+        block_count.stride(0), block_count.stride(1),
+        T, n_qblocks, scale * LOG2E,
+        HQ=HQ, G=G, GM=gm, MASK_PER_QHEAD=mask_per_qhead, D=D, BLOCK_Q=block_q,
+        KBS=bn if dense else block_size, BLOCK_N=bn, DENSE=dense,
+        HAS_OFFSETS=seq_offsets is not None, RETURN_LSE=return_lse,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=nw, num_stages=ns,
+    )
+    return (o, lse) if return_lse else o
+
+
+def triton_block_sparse_attention(q, k, v, block_idx, block_count, block_size, scale=None,
+                                  seq_offsets=None, return_lse=False):
+    """Block-sparse causal attention over the kept key blocks of each query block.
+
+    Args:
+        q: [B, HQ, T, D] (any strides with a contiguous last dim); k, v: [B, HKV, T, D], GQA read in
+            place (query head h uses kv head h // (HQ // HKV)).
+        block_idx: [B, HM, NB, K] int32, ascending kept key blocks per query block, first block_count
+            valid; HM == HQ or HM == HKV (shared by a KV group: its heads run as one tile).
+        block_count: [B, HM, NB] int32. block_size: power of two in [16, 128]; NB = ceil(T / block_size).
+        scale: default D ** -0.5. seq_offsets: [B] int or None, left padding (blocks counted from it).
+        return_lse: also return lse.
+
+    Returns:
+        o: [B, T, HQ, D] in q.dtype (rows keeping nothing and padding rows are 0); with return_lse
+        also lse: [B, HQ, T] float32, natural log, -inf where nothing is kept.
+    """
+    return block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=scale,
+                                 seq_offsets=seq_offsets, return_lse=return_lse)
