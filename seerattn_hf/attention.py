@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 
 from .config import SeerAttentionConfig
@@ -54,7 +52,6 @@ class SeerLayerState:
 
     layer_idx: int
     config: SeerAttentionConfig
-    dense_attention: Callable
     mode: str = "sparse"
     captured_query: torch.Tensor | None = None
     captured_key: torch.Tensor | None = None
@@ -171,14 +168,16 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     """
     state: SeerLayerState | None = getattr(module, "seer_state", None)
     if state is None:
-        raise RuntimeError("seer attention was called on a module that apply_seer_attention did not patch")
+        # A layer left without a gate (SeerAttentionConfig.layers) keeps the model's own attention.
+        return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                           dropout=dropout, **kwargs)
     config = state.config
     query_length, key_length = query.shape[2], key.shape[2]
     prefill = query_length == key_length and query_length >= max(config.min_sparse_length, 1)
     if state.mode == "dense" or not prefill:
         # Decoding steps and prompts continued from a cache run dense over the KV cache.
         state.take_captured()
-        return state.dense_attention(module, query, key, value, attention_mask, scaling=scaling,
+        return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
                                      dropout=dropout, **kwargs)
 
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])

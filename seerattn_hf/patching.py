@@ -141,13 +141,15 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | None = 
     num_heads, num_kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
     inv_freq, rope_scaling = _gate_rope(model, config.gate_hidden_size)
 
+    for layer in decoder_layers(model):
+        layer.self_attn.seer_dense_attention = _dense_attention_function(original, layer.self_attn)
     for layer_idx in layers:
         attention = decoder_layers(model)[layer_idx].self_attn
         head_dim = attention.head_dim
         anchor = getattr(attention, spec.query_source).weight
         gate = SeerGate(num_heads, num_kv_heads, head_dim, config, inv_freq, rope_scaling)
         attention.seer_gate = gate.to(device=anchor.device)
-        state = SeerLayerState(layer_idx, config, _dense_attention_function(original, attention))
+        state = SeerLayerState(layer_idx, config)
         state.hooks = [
             getattr(attention, spec.query_source).register_forward_hook(_capture_hook(state, "captured_query", head_dim)),
             getattr(attention, spec.key_source).register_forward_hook(_capture_hook(state, "captured_key", head_dim)),
@@ -169,6 +171,8 @@ def remove_seer_attention(model: nn.Module) -> nn.Module:
             hook.remove()
         del attention.seer_state
         del attention.seer_gate
+    for layer in decoder_layers(model):
+        del layer.self_attn.seer_dense_attention
     model.set_attn_implementation(model.seer_original_attn_implementation)
     del model.seer_config, model.seer_original_attn_implementation
     return model
