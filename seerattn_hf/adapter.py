@@ -16,7 +16,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CONFIG_NAME, SeerAttentionConfig
-from .patching import apply_seer_attention, is_patched, patched_attention_modules, remove_seer_attention
+from .patching import (
+    apply_seer_attention,
+    is_patched,
+    patched_attention_modules,
+    remove_seer_attention,
+    require_patched,
+)
 from .utils import atomic_path, atomic_write_text
 
 WEIGHTS_NAME = "seer_gates.safetensors"
@@ -68,8 +74,7 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> Path:
     Files: `seer_gates.safetensors`, `seer_config.json` (the SeerAttentionConfig, the library version
     and the base model's layout) and a `README.md` model card. Each file is written atomically.
     """
-    if not is_patched(model):
-        raise ValueError("save_gates needs a model with SeerAttention gates (apply_seer_attention first)")
+    require_patched(model)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     config, layout = model.seer_config, model_layout(model)

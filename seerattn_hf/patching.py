@@ -178,7 +178,7 @@ def remove_seer_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-def _require_patched(model: nn.Module) -> list[nn.Module]:
+def require_patched(model: nn.Module) -> list[nn.Module]:
     if not is_patched(model):
         raise ValueError("this model has no SeerAttention gates; call apply_seer_attention or from_pretrained first")
     return patched_attention_modules(model)
@@ -189,7 +189,7 @@ def set_attention_mode(model: nn.Module, mode: str) -> nn.Module:
     (gate-selected block-sparse prefill) or "distill" (dense attention plus training targets)."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {list(MODES)}, found {mode!r}")
-    for attention in _require_patched(model):
+    for attention in require_patched(model):
         attention.seer_state.mode = mode
         attention.seer_state.take_captured()
     return model
@@ -200,7 +200,7 @@ def update_sparsity_config(model: nn.Module, **changes) -> SeerAttentionConfig:
 
     Fields that fix the gate's shape cannot change once gates exist.
     """
-    _require_patched(model)
+    require_patched(model)
     fixed = sorted(set(changes) & (set(model.seer_config.gate_shape_fields) | {"layers"}))
     if fixed:
         raise ValueError(f"{fixed} fix the gates' shape and cannot change on a patched model")
@@ -212,13 +212,13 @@ def update_sparsity_config(model: nn.Module, **changes) -> SeerAttentionConfig:
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of every gate (what distillation trains)."""
-    return [parameter for attention in _require_patched(model) for parameter in attention.seer_gate.parameters()]
+    return [parameter for attention in require_patched(model) for parameter in attention.seer_gate.parameters()]
 
 
 def pop_distill_records(model: nn.Module) -> list:
     """The `DistillRecord`s of the last distillation forward, in layer order, cleared after reading."""
     records = []
-    for attention in _require_patched(model):
+    for attention in require_patched(model):
         if attention.seer_state.distill_record is not None:
             records.append(attention.seer_state.distill_record)
             attention.seer_state.distill_record = None
@@ -232,7 +232,7 @@ def get_sparsity_stats(model: nn.Module) -> dict:
     "per_layer": [{"layer": i, "density": d}, ...], "kept_blocks": int, "causal_blocks": int}.
     """
     per_layer, kept_total, causal_total = [], 0, 0
-    for attention in _require_patched(model):
+    for attention in require_patched(model):
         state = attention.seer_state
         if state.kept_blocks is None:
             continue
@@ -244,5 +244,5 @@ def get_sparsity_stats(model: nn.Module) -> dict:
 
 
 def reset_sparsity_stats(model: nn.Module) -> None:
-    for attention in _require_patched(model):
+    for attention in require_patched(model):
         attention.seer_state.kept_blocks = attention.seer_state.causal_blocks = None

@@ -1,0 +1,153 @@
+"""Gate adapters: save, load (folder or Hub id), strict checks, push."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file, save_file
+
+import seerattn_hf as sa
+from seerattn_hf.adapter import CONFIG_NAME, WEIGHTS_NAME, gate_state_dict
+
+
+def _patched(model_type="llama", **config):
+    model = tiny_model(model_type)
+    model.name_or_path = "org/tiny-" + model_type
+    sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=16, gate_hidden_size=16, **config))
+    return model
+
+
+def test_save_and_load_round_trip_is_exact(tmp_path):
+    model = _patched("qwen3", sparsity_method="density", density=0.4)
+    with torch.no_grad():
+        for parameter in sa.gate_parameters(model):
+            parameter.normal_()
+    folder = sa.save_gates(model, tmp_path / "gates")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+    saved_config = json.loads((folder / CONFIG_NAME).read_text())
+    assert saved_config["library_version"] == sa.__version__
+    assert saved_config["base_model_name_or_path"] == "org/tiny-qwen3"
+    assert saved_config["base_model_layout"]["num_key_value_heads"] == 2
+    assert "library_name: seerattn_hf" in (folder / "README.md").read_text()
+    assert "base_model: org/tiny-qwen3" in (folder / "README.md").read_text()
+
+    fresh = tiny_model("qwen3")
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    loaded = sa.from_pretrained(folder, model=fresh)
+    original, reloaded = gate_state_dict(model), gate_state_dict(loaded)
+    assert original.keys() == reloaded.keys()
+    assert all(torch.equal(original[key], reloaded[key]) for key in original)
+    assert loaded.seer_config.density == 0.4 and loaded.seer_config.sparsity_method == "density"
+    input_ids = torch.randint(0, 96, (1, 64))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, loaded(input_ids).logits)
+
+
+def test_sparsity_overrides_at_load_time(tmp_path):
+    folder = sa.save_gates(_patched(), tmp_path)
+    loaded = sa.from_pretrained(folder, model=tiny_model("llama"), sparsity_method="density", density=0.2)
+    assert (loaded.seer_config.sparsity_method, loaded.seer_config.density) == ("density", 0.2)
+    with pytest.raises(ValueError, match="block_size"):
+        sa.from_pretrained(folder, model=tiny_model("llama"), block_size=32)
+
+
+def test_base_model_is_loaded_from_the_config_when_no_model_is_given(tmp_path, monkeypatch):
+    folder = sa.save_gates(_patched(), tmp_path)
+    calls = []
+
+    def fake_from_pretrained(name, **kwargs):
+        calls.append((name, kwargs))
+        return tiny_model("llama")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", fake_from_pretrained)
+    model = sa.from_pretrained(folder, model_kwargs={"dtype": torch.float32})
+    assert calls == [("org/tiny-llama", {"dtype": torch.float32})]
+    assert sa.get_sparsity_stats(model)["density"] is None
+
+
+def test_gates_for_another_model_fail_clearly(tmp_path):
+    folder = sa.save_gates(_patched("llama"), tmp_path)
+    with pytest.raises(ValueError, match="trained for another model.*model_type: gates 'llama', model 'qwen2'"):
+        sa.from_pretrained(folder, model=tiny_model("qwen2"))
+    with pytest.raises(ValueError, match="num_key_value_heads: gates 2, model 4"):
+        sa.from_pretrained(folder, model=tiny_model("llama", num_kv_heads=4))
+
+
+def test_corrupted_gate_files_fail_clearly_and_leave_the_model_unpatched(tmp_path):
+    folder = sa.save_gates(_patched(), tmp_path)
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    del tensors["layers.1.k_weight"]
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"missing \['layers.1.k_weight'\]"):
+        sa.from_pretrained(folder, model=model)
+    assert not hasattr(model, "seer_config") and model.config._attn_implementation == "sdpa"
+
+    tensors["layers.1.k_weight"] = torch.zeros(2, 48, 8)
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=r"wrong shape: layers.1.k_weight: file \(2, 48, 8\), model \(2, 48, 16\)"):
+        sa.from_pretrained(folder, model=tiny_model("llama"))
+
+
+def test_missing_files_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="seer_config.json is missing"):
+        sa.from_pretrained(tmp_path, model=tiny_model("llama"))
+    folder = sa.save_gates(_patched(), tmp_path / "gates")
+    (folder / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="holds no seer_gates.safetensors"):
+        sa.from_pretrained(folder, model=tiny_model("llama"))
+    with pytest.raises(ValueError, match="adapter folder or a Hub repo id"):
+        sa.from_pretrained(folder / CONFIG_NAME, model=tiny_model("llama"))
+    with pytest.raises(ValueError, match="no SeerAttention gates"):
+        sa.save_gates(tiny_model("llama"), tmp_path / "none")
+
+
+def test_hub_ids_resolve_through_huggingface_hub(tmp_path, monkeypatch):
+    folder = sa.save_gates(_patched(), tmp_path / "gates")
+    seen = {}
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        seen.update(kwargs, repo_id=repo_id)
+        return str(folder)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    sa.from_pretrained("org/gates", model=tiny_model("llama"), revision="v1", local_files_only=True)
+    assert seen["repo_id"] == "org/gates" and seen["revision"] == "v1" and seen["local_files_only"] is True
+    assert set(seen["allow_patterns"]) == {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
+
+
+def test_offline_hub_id_without_cache_raises(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(Exception, match="(?i)offline|cannot find|local"):
+        sa.from_pretrained("org/not-cached", model=tiny_model("llama"), local_files_only=True)
+
+
+def test_push_to_hub_uploads_the_saved_folder(monkeypatch):
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            uploaded["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            uploaded["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None):
+            from pathlib import Path
+
+            uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            return "https://hub/commit/1"
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    url = sa.push_gates_to_hub(_patched(), "me/gates", private=True, token="t")
+    assert url == "https://hub/commit/1"
+    assert uploaded["repo"] == ("me/gates", True, True) and uploaded["token"] == "t"
+    assert uploaded["files"] == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_saving_over_an_adapter_leaves_no_temporary_files(tmp_path):
+    model = _patched()
+    sa.save_gates(model, tmp_path)
+    sa.save_gates(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]

@@ -1,0 +1,102 @@
+"""Block selection from scores: threshold, density, coverage, forced blocks, packing into lists."""
+
+import math
+
+import pytest
+import torch
+
+from seerattn_hf import SeerAttentionConfig
+from seerattn_hf.selectors import block_density_counts, mask_to_block_lists, select_blocks, streaming_scores
+
+
+def _random_probs(batch, heads, blocks):
+    scores = torch.randn(batch, heads, blocks, blocks) * 3
+    causal = torch.ones(blocks, blocks, dtype=torch.bool).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+def _causal(blocks):
+    return torch.ones(blocks, blocks, dtype=torch.bool).tril()
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 1.0])
+def test_density_keeps_the_top_blocks_of_each_row(density):
+    probs = _random_probs(2, 3, 11)
+    mask = select_blocks(SeerAttentionConfig(sparsity_method="density", density=density), probs)
+    assert not (mask & ~_causal(11)).any()
+    assert mask.diagonal(dim1=-2, dim2=-1).all()
+    for b, h, i in [(0, 0, 10), (1, 2, 6), (0, 1, 3)]:
+        budget = math.ceil(density * (i + 1))
+        kept = mask[b, h, i].nonzero().flatten().tolist()
+        assert len(kept) == budget
+        others = [j for j in range(i) if j not in kept]
+        non_diagonal = [j for j in kept if j != i]
+        if others and non_diagonal:
+            assert min(probs[b, h, i, non_diagonal]) >= max(probs[b, h, i, others])
+
+
+def test_threshold_keeps_blocks_above_it_plus_the_diagonal():
+    probs = _random_probs(1, 2, 9)
+    mask = select_blocks(SeerAttentionConfig(sparsity_method="threshold", threshold=0.05), probs)
+    expected = (probs > 0.05) | torch.eye(9, dtype=torch.bool)
+    assert torch.equal(mask, expected & _causal(9))
+
+
+def test_coverage_keeps_the_fewest_blocks_reaching_the_mass():
+    probs = _random_probs(2, 2, 12)
+    coverage = 0.8
+    mask = select_blocks(SeerAttentionConfig(sparsity_method="coverage", coverage=coverage), probs)
+    for b, h, i in [(0, 0, 11), (1, 1, 7), (0, 1, 4)]:
+        row = probs[b, h, i, : i + 1]
+        ranked = row.sort(descending=True).values
+        needed = int((ranked.cumsum(0) < coverage - 1e-7).sum()) + 1
+        kept = mask[b, h, i, : i + 1]
+        assert (row[kept].sum() >= coverage - 1e-6)
+        assert kept.sum() <= max(needed, 1) + 1  # the diagonal may come on top
+
+
+def test_forced_blocks_and_dense_last_row():
+    probs = _random_probs(1, 1, 10)
+    config = SeerAttentionConfig(sparsity_method="threshold", threshold=0.99, keep_first_blocks=1,
+                                 keep_recent_blocks=2, dense_last_query_block=True)
+    mask = select_blocks(config, probs)[0, 0]
+    assert mask[:, 0].all() and mask.diagonal().all()
+    assert mask[5, 3] and mask[5, 4] and mask[1, 0]
+    assert mask[9].all()
+    assert not mask[6, 1]
+
+
+def test_padding_rows_keep_only_the_diagonal_and_dense_last_row_follows_padding():
+    probs = _random_probs(2, 1, 6)
+    row_valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    config = SeerAttentionConfig(sparsity_method="density", density=0.2, dense_last_query_block=True)
+    mask = select_blocks(config, probs, row_valid)
+    assert torch.equal(mask[1, 0, 3:], torch.eye(6, dtype=torch.bool)[3:])
+    assert mask[1, 0, 2, :3].all() and mask[0, 0, 5].all()
+    kept, total = block_density_counts(mask, row_valid)
+    assert int(total[0]) == 21 + 6
+    assert int(kept[0]) == int(mask[0, 0].sum()) + int(mask[1, 0, :3].sum())
+
+
+def test_streaming_keeps_the_first_and_most_recent_blocks():
+    scores = streaming_scores(1, 1, 8, torch.device("cpu"))
+    mask = select_blocks(SeerAttentionConfig(sparsity_method="density", density=0.5), scores)[0, 0]
+    assert mask[7].nonzero().flatten().tolist() == [0, 5, 6, 7]
+    assert mask[2].nonzero().flatten().tolist() == [0, 2]
+
+
+def test_mask_to_block_lists_round_trip():
+    mask = select_blocks(SeerAttentionConfig(sparsity_method="density", density=0.4), _random_probs(2, 3, 13))
+    mask[0, 0, 5] = False  # a row that keeps nothing
+    block_idx, block_count = mask_to_block_lists(mask)
+    assert block_idx.dtype == block_count.dtype == torch.int32
+    assert block_idx.shape[-1] == int(mask.sum(-1).max())
+    rebuilt = torch.zeros_like(mask)
+    for b in range(2):
+        for h in range(3):
+            for i in range(13):
+                row = block_idx[b, h, i, : block_count[b, h, i]].long()
+                assert torch.equal(row, row.sort().values)
+                rebuilt[b, h, i, row] = True
+    assert torch.equal(rebuilt, mask)
+    assert int(block_idx.max()) < 13 and int(block_idx.min()) >= 0
