@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,8 +81,9 @@ def flex_block_sparse_attention(q, k, v, block_idx, block_count, block_size, sca
     if q.is_cuda and block_size < 128:
         options = {"BLOCK_M": block_size, "BLOCK_N": block_size}
     fn = _compiled_flex() if q.is_cuda else flex_attention
-    o, lse = fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=HQ != k.shape[1], return_lse=True,
-                kernel_options=options)
+    o, aux = fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=HQ != k.shape[1],
+                kernel_options=options, return_aux=AuxRequest(lse=True))
+    lse = aux.lse
     if seq_offsets is not None:  # shift back: position p reads sequence token p - off
         pos = torch.arange(T, device=q.device)
         src = (pos - off[:, None]).clamp(min=0)

@@ -1,0 +1,130 @@
+"""Block-sparse attention: the torch reference against a float64 dense masked computation, and the
+Triton kernel (interpreter on CPU) and FlexAttention backend against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attn_testing import dense_reference, device, lists_to_dense, make_block_lists, make_offsets, make_qkv, rel_rms
+
+from seerattn_hf.ops.block_sparse_attn import (
+    flex_block_sparse_attention,
+    naive_block_sparse_attention,
+    triton_block_sparse_attention,
+)
+
+# (B, T, HQ, HKV, D, block_size, masks shared per KV head, mask kind, density, left padding)
+CASES = [
+    (1, 1, 4, 1, 16, 16, False, "random", 0.5, False),
+    (1, 63, 4, 4, 32, 16, False, "random", 0.3, False),
+    (2, 128, 4, 1, 64, 64, True, "random", 0.5, True),
+    (2, 200, 4, 1, 32, 32, False, "holes", 0.4, True),
+    (2, 200, 8, 2, 16, 32, True, "full", 1.0, False),
+    (1, 200, 4, 1, 32, 16, True, "diag", 0.0, True),
+    (2, 200, 2, 2, 32, 16, False, "holes", 0.3, False),
+    (1, 200, 4, 2, 16, 128, True, "holes", 0.5, True),
+]
+
+
+def case_id(case):
+    B, T, HQ, HKV, D, bs, shared, kind, density, pad = case
+    return (f"B{B}-T{T}-HQ{HQ}-HKV{HKV}-D{D}-bs{bs}-{'HMkv' if shared else 'HMq'}-{kind}{density}"
+            + ("-pad" if pad else ""))
+
+
+def make_case(case, dtype=torch.float32, dev="cpu"):
+    B, T, HQ, HKV, D, bs, shared, kind, density, pad = case
+    q, k, v = make_qkv(B, HQ, HKV, T, D, dtype, dev)
+    offsets = make_offsets(B, T, dev) if pad else None
+    idx, count = make_block_lists(B, HKV if shared else HQ, T, bs, density, kind, device=dev)
+    return q, k, v, idx, count, bs, offsets
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_naive_matches_dense_float64(case):
+    q, k, v, idx, count, bs, offsets = make_case(case)
+    o, lse = naive_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets, return_lse=True)
+    ref_o, ref_lse, _ = dense_reference(q, k, v, lists_to_dense(idx, count), bs, seq_offsets=offsets)
+    assert o.shape == (q.shape[0], q.shape[2], q.shape[1], q.shape[3]) and o.dtype == q.dtype
+    assert rel_rms(o, ref_o) < 1e-5
+    assert rel_rms(lse, ref_lse) < 1e-5
+
+
+def test_naive_scale_and_padding_rows():
+    q, k, v = make_qkv(2, 2, 1, 70, 16)
+    idx, count = make_block_lists(2, 2, 70, 16, 0.5)
+    offsets = torch.tensor([3, 41])
+    o, lse = naive_block_sparse_attention(q, k, v, idx, count, 16, scale=0.3, seq_offsets=offsets,
+                                          return_lse=True)
+    ref_o, ref_lse, _ = dense_reference(q, k, v, lists_to_dense(idx, count), 16, 0.3, offsets)
+    assert rel_rms(o, ref_o) < 1e-5 and rel_rms(lse, ref_lse) < 1e-5
+    assert (o[1, :41] == 0).all() and (lse[1, :, :41] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_matches_naive(case, dtype, nan_empty):
+    q, k, v, idx, count, bs, offsets = make_case(case, dtype, device())
+    o, lse = triton_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets, return_lse=True)
+    ref_o, ref_lse = naive_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets,
+                                                  return_lse=True)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert o.dtype == dtype and o.shape == ref_o.shape
+    assert rel_rms(o, ref_o) < tol
+    assert rel_rms(lse, ref_lse) < tol
+
+
+def test_triton_without_lse_and_custom_scale(nan_empty):
+    q, k, v = make_qkv(1, 4, 2, 100, 32, device=device())
+    idx, count = make_block_lists(1, 2, 100, 32, 0.5, device=device())
+    o = triton_block_sparse_attention(q, k, v, idx, count, 32, scale=0.05)
+    assert rel_rms(o, naive_block_sparse_attention(q, k, v, idx, count, 32, scale=0.05)) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[7]], ids=case_id)
+def test_flex_matches_naive(case):
+    q, k, v, idx, count, bs, offsets = make_case(case, dev=device())
+    o, lse = flex_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets, return_lse=True)
+    ref_o, ref_lse = naive_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets,
+                                                  return_lse=True)
+    tol = 1e-5 if o.device.type == "cpu" else 2e-3
+    assert rel_rms(o, ref_o) < tol and rel_rms(lse, ref_lse) < tol
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: {**a, **{n: a[n][..., :12] for n in "qkv"}}, "head_dim"),
+        (lambda a: {**a, "block_size": 48}, "block_size"),
+        (lambda a: {**a, "block_idx": a["block_idx"][:, :, :-1]}, "block_idx"),
+        (lambda a: {**a, "block_count": a["block_count"][:, :1]}, "block_count"),
+        (lambda a: {**a, "k": a["k"][:, :, :-1]}, "k and v"),
+        (lambda a: {**a, "v": a["v"].double()}, "dtype"),
+    ],
+    ids=["head_dim", "block_size", "block_idx", "block_count", "kv_shape", "dtype"],
+)
+def test_triton_rejects_bad_arguments(change, message):
+    q, k, v = make_qkv(1, 4, 2, 64, 16, device=device())
+    idx, count = make_block_lists(1, 4, 64, 16, 0.5, device=device())
+    args = dict(q=q, k=k, v=v, block_idx=idx, block_count=count, block_size=16)
+    with pytest.raises(ValueError, match=message):
+        triton_block_sparse_attention(**change(args))
+
+
+GPU_CASES = [(1, 4096, 32, 8, 128, 64, False, "random", 0.3, False),
+             (1, 16384, 32, 8, 128, 64, True, "random", 0.1, False),
+             (2, 4096, 32, 8, 128, 64, False, "holes", 0.5, True),
+             (1, 8192, 32, 8, 128, 128, True, "full", 1.0, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_triton_bf16_gpu(case, nan_empty):
+    q, k, v, idx, count, bs, offsets = make_case(case, torch.bfloat16, "cuda")
+    o, lse = triton_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets, return_lse=True)
+    ref_o, ref_lse = naive_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets,
+                                                  return_lse=True)
+    assert rel_rms(o, ref_o) < 1e-2 and rel_rms(lse, ref_lse) < 1e-3
+    flex_o = flex_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets)
+    assert rel_rms(flex_o, ref_o) < 1e-2
