@@ -111,13 +111,12 @@ def block_sparse_attn_fwd_kernel(
             t_k = off + tl.load(idx_row + col // KBS) * KBS + col % KBS
         k_tile = tl.load(k_base + t_k[:, None] * stride_kt + d[None, :])
         v_tile = tl.load(v_base + t_k[:, None] * stride_vt + d[None, :])
-        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile,
-                                            input_precision=INPUT_PRECISION)
+        acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
 
     # the step(s) holding the diagonal: causal, partial last block, end of the list
@@ -139,8 +138,7 @@ def block_sparse_attn_fwd_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile,
-                                            input_precision=INPUT_PRECISION)
+        acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
