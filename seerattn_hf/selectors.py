@@ -72,11 +72,13 @@ def select_blocks(config: SeerAttentionConfig, scores: torch.Tensor,
         keep = scores > config.threshold
     elif method == "density":
         # Rank within each row, forced blocks first; keep ceil(density * causal blocks in the row).
+        # topk up to the largest budget costs far less than sorting whole rows at long context.
         ranked = scores.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
-        order = ranked.argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(blocks, device=device).expand_as(order))
-        budget = torch.ceil(config.density * torch.arange(1, blocks + 1, device=device, dtype=torch.float64))
-        keep = rank < budget.to(rank.dtype)[:, None]
+        budget = torch.ceil(config.density * torch.arange(1, blocks + 1, device=device, dtype=torch.float64)).long()
+        top = ranked.topk(int(budget[-1]), dim=-1, sorted=True).indices
+        within_budget = torch.arange(top.shape[-1], device=device)[None, :] < budget[:, None]
+        keep = torch.zeros_like(causal).expand_as(scores).clone()
+        keep.scatter_(-1, top, within_budget.expand_as(top))
     else:
         # Fewest blocks whose probabilities reach the coverage: a block is kept while the mass
         # ranked above it is still short of the target.
