@@ -84,6 +84,12 @@ SWEEP = {
     "bsa_kv_g2_n128_w8_s2": (True, dict(heads_per_tile=2, block_n=128, num_warps=8, num_stages=2)),
     "bsa_kv_g2_n64_w4": (True, dict(heads_per_tile=2, block_n=64, num_warps=4, num_stages=3)),
     "bsa_kv_g4_n64_w8": (True, dict(heads_per_tile=4, block_n=64, num_warps=8, num_stages=2)),
+    "bsa_q_tma_n64": (False, dict(block_n=64, num_warps=4, num_stages=3, use_tma=True)),
+    "bsa_q_tma_n64_s4": (False, dict(block_n=64, num_warps=4, num_stages=4, use_tma=True)),
+    "bsa_kv_g2_tma_n64_w8": (True, dict(heads_per_tile=2, block_n=64, num_warps=8, num_stages=3,
+                                        use_tma=True)),
+    "bsa_kv_g2_tma_n64_w8_s4": (True, dict(heads_per_tile=2, block_n=64, num_warps=8, num_stages=4,
+                                           use_tma=True)),
 }
 TARGET_SWEEP = {
     "target": {},
@@ -91,6 +97,10 @@ TARGET_SWEEP = {
                                          num_stages=3)),
     "target_q128_n64": dict(attn_config=dict(block_q=128, heads_per_tile=1, block_n=64, num_warps=8,
                                              num_stages=3)),
+    "target_q128_tma": dict(attn_config=dict(block_q=128, heads_per_tile=1, block_n=128, num_warps=8,
+                                             num_stages=3, use_tma=True)),
+    "target_q128_tma_n64": dict(attn_config=dict(block_q=128, heads_per_tile=1, block_n=64,
+                                                 num_warps=8, num_stages=3, use_tma=True)),
 }
 
 

@@ -24,6 +24,17 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _step_start(idx_row, step, off, BLOCK_N: tl.constexpr, KBS: tl.constexpr, DENSE: tl.constexpr):
+    """First key row of a step when BLOCK_N <= KBS (the step lies inside one kept block)."""
+    col0 = step * BLOCK_N
+    if DENSE:
+        t0 = off + col0
+    else:
+        t0 = off + tl.load(idx_row + col0 // KBS) * KBS + col0 % KBS
+    return t0
+
+
+@triton.jit
 def block_sparse_attn_fwd_kernel(
     q, k, v, o, lse, block_idx, block_count, seq_offsets,
     stride_qb, stride_qh, stride_qt,
@@ -36,7 +47,7 @@ def block_sparse_attn_fwd_kernel(
     HQ: tl.constexpr, G: tl.constexpr, GM: tl.constexpr, MASK_PER_QHEAD: tl.constexpr,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, KBS: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, HAS_OFFSETS: tl.constexpr, RETURN_LSE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """q: [B, HQ, T, D]; k, v: [B, HKV, T, D]; o: [B, T, HQ, D]; lse: [B, HQ, T] float32 (log2 units
     are converted to natural log on store); block_idx: [B, HM, NB, K] int32; block_count: [B, HM, NB].
@@ -97,6 +108,11 @@ def block_sparse_attn_fwd_kernel(
 
     k_base = k + i_b * stride_kb + i_kvh * stride_kh
     v_base = v + i_b * stride_vb + i_kvh * stride_vh
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[T, D], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[T, D], strides=[stride_vt, 1],
+                                           block_shape=[BLOCK_N, D])
     c = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -104,13 +120,18 @@ def block_sparse_attn_fwd_kernel(
 
     # steps wholly before the diagonal: no mask at all
     for step in range(0, (n_full * KBS) // BLOCK_N):
-        col = step * BLOCK_N + c
-        if DENSE:
-            t_k = off + col
+        if USE_TMA:
+            t0 = _step_start(idx_row, step, off, BLOCK_N, KBS, DENSE)
+            k_tile = k_desc.load([t0, 0])
+            v_tile = v_desc.load([t0, 0])
         else:
-            t_k = off + tl.load(idx_row + col // KBS) * KBS + col % KBS
-        k_tile = tl.load(k_base + t_k[:, None] * stride_kt + d[None, :])
-        v_tile = tl.load(v_base + t_k[:, None] * stride_vt + d[None, :])
+            col = step * BLOCK_N + c
+            if DENSE:
+                t_k = off + col
+            else:
+                t_k = off + tl.load(idx_row + col // KBS) * KBS + col % KBS
+            k_tile = tl.load(k_base + t_k[:, None] * stride_kt + d[None, :])
+            v_tile = tl.load(v_base + t_k[:, None] * stride_vt + d[None, :])
         s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.exp2(s * qk_scale - m_new[:, None])
@@ -121,16 +142,23 @@ def block_sparse_attn_fwd_kernel(
 
     # the step(s) holding the diagonal: causal, partial last block, end of the list
     for step in range((n_full * KBS) // BLOCK_N, tl.cdiv(n_end * KBS, BLOCK_N)):
-        col = step * BLOCK_N + c
-        entry = col // KBS
-        in_list = entry < n_end
-        if DENSE:
-            t_k = off + col
+        if USE_TMA:  # the bulk copy zero-fills rows past T
+            t0 = _step_start(idx_row, step, off, BLOCK_N, KBS, DENSE)
+            t_k = t0 + c
+            k_ok = t_k < T
+            k_tile = k_desc.load([t0, 0])
+            v_tile = v_desc.load([t0, 0])
         else:
-            t_k = off + tl.load(idx_row + entry, mask=in_list, other=0) * KBS + col % KBS
-        k_ok = in_list & (t_k < T)
-        k_tile = tl.load(k_base + t_k[:, None] * stride_kt + d[None, :], mask=k_ok[:, None], other=0.0)
-        v_tile = tl.load(v_base + t_k[:, None] * stride_vt + d[None, :], mask=k_ok[:, None], other=0.0)
+            col = step * BLOCK_N + c
+            entry = col // KBS
+            in_list = entry < n_end
+            if DENSE:
+                t_k = off + col
+            else:
+                t_k = off + tl.load(idx_row + entry, mask=in_list, other=0) * KBS + col % KBS
+            k_ok = in_list & (t_k < T)
+            k_tile = tl.load(k_base + t_k[:, None] * stride_kt + d[None, :], mask=k_ok[:, None], other=0.0)
+            v_tile = tl.load(v_base + t_k[:, None] * stride_vt + d[None, :], mask=k_ok[:, None], other=0.0)
         s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale
         s = tl.where(k_ok[None, :] & (t_k[None, :] <= t_q[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -178,6 +206,11 @@ def check_attention_inputs(q, k, v, block_size):
     return B, HQ, HKV, T, D
 
 
+def _descriptor_scratch(size, alignment, stream):
+    """Global scratch Triton asks for when a kernel builds tensor descriptors on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -198,10 +231,11 @@ def default_config(block_size, D, G, heads_per_tile_max, dtype):
 
 def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=None, seq_offsets=None,
                           return_lse=False, dense=False, block_q=None, heads_per_tile=None,
-                          block_n=None, num_warps=None, num_stages=None):
+                          block_n=None, num_warps=None, num_stages=None, use_tma=None):
     """Launcher. Shapes as in `triton_block_sparse_attention`; dense=True ignores block_idx/count
     (pass None) and attends every causal key, with query blocks of block_q rows (default block_size).
-    heads_per_tile / block_n / num_warps / num_stages override the heuristic (benchmarks)."""
+    heads_per_tile / block_n / num_warps / num_stages / use_tma (K/V through tensor descriptors, the
+    bulk copy engine; needs block_n <= block_size) override the heuristic (benchmarks)."""
     B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
     G = HQ // HKV
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -227,6 +261,11 @@ def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=Non
     gm, bn, nw, ns = default_config(block_q, D, G, 1 if mask_per_qhead else G, q.dtype)
     gm = heads_per_tile or gm
     bn, nw, ns = block_n or bn, num_warps or nw, num_stages or ns
+    use_tma = bool(use_tma)
+    if use_tma:
+        if not dense and bn > block_size:
+            raise ValueError(f"use_tma needs block_n <= block_size; found {bn} > {block_size}")
+        triton.set_allocator(_descriptor_scratch)
     if G % gm or (mask_per_qhead and gm != 1):
         raise ValueError(f"heads_per_tile must divide G={G} (and be 1 with per-query-head masks); found {gm}")
     if seq_offsets is not None and tuple(seq_offsets.shape) != (B,):
@@ -249,7 +288,7 @@ def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=Non
         HQ=HQ, G=G, GM=gm, MASK_PER_QHEAD=mask_per_qhead, D=D, BLOCK_Q=block_q,
         KBS=bn if dense else block_size, BLOCK_N=bn, DENSE=dense,
         HAS_OFFSETS=seq_offsets is not None, RETURN_LSE=return_lse,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
         num_warps=nw, num_stages=ns,
     )
     return (o, lse) if return_lse else o
