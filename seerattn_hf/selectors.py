@@ -112,15 +112,20 @@ def mask_to_block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     Returns `block_idx: [B, H, NB, K]` int32 (ascending kept key blocks, padded with the row's
     last kept block) and `block_count: [B, H, NB]` int32, with K the largest row count.
     """
+    # Each kept block's slot is the number of kept blocks before it (a cumulative sum): no sort.
     blocks = mask.shape[-1]
-    count = mask.sum(dim=-1, dtype=torch.int32)
+    slots = mask.cumsum(dim=-1, dtype=torch.int32)
+    count = slots[..., -1].contiguous()
     width = max(int(count.max()), 1) if count.numel() else 1
-    columns = torch.arange(blocks, device=mask.device, dtype=torch.int32)
-    keys = torch.where(mask, columns, torch.full_like(columns, blocks))
-    idx = keys.topk(width, dim=-1, largest=False, sorted=True).values
+    columns = torch.arange(blocks, device=mask.device, dtype=torch.int32).expand_as(slots)
+    # Dropped blocks write to a spare slot `width`, cut off afterwards.
+    target = torch.where(mask, slots - 1, width).long()
+    idx = torch.zeros(*mask.shape[:-1], width + 1, dtype=torch.int32, device=mask.device)
+    idx.scatter_(-1, target, columns)
+    idx = idx[..., :width]
     last = idx.gather(-1, (count.long() - 1).clamp(min=0).unsqueeze(-1))
-    idx = torch.where(idx == blocks, last, idx).clamp(max=blocks - 1)
-    return idx.to(torch.int32).contiguous(), count
+    unused = torch.arange(width, device=mask.device) >= count.unsqueeze(-1)
+    return torch.where(unused, last, idx).contiguous(), count
 
 
 def block_density_counts(mask: torch.Tensor, row_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
