@@ -74,33 +74,34 @@ VARIANTS = {
     "bsa_kv": (True, {}),
 }
 SWEEP = {
-    "bsa_q_n64_s3": (False, dict(block_n=64, num_warps=4, num_stages=3)),
-    "bsa_q_n128_s2": (False, dict(block_n=128, num_warps=4, num_stages=2)),
-    "bsa_q_n128_s3": (False, dict(block_n=128, num_warps=4, num_stages=3)),
-    "bsa_q_n64_s4": (False, dict(block_n=64, num_warps=4, num_stages=4)),
-    "bsa_kv_g1_n128": (True, dict(heads_per_tile=1, block_n=128, num_warps=4, num_stages=3)),
-    "bsa_kv_g2_n64_w8": (True, dict(heads_per_tile=2, block_n=64, num_warps=8, num_stages=3)),
-    "bsa_kv_g2_n128_w8": (True, dict(heads_per_tile=2, block_n=128, num_warps=8, num_stages=3)),
-    "bsa_kv_g2_n128_w8_s2": (True, dict(heads_per_tile=2, block_n=128, num_warps=8, num_stages=2)),
-    "bsa_kv_g2_n64_w4": (True, dict(heads_per_tile=2, block_n=64, num_warps=4, num_stages=3)),
-    "bsa_kv_g4_n64_w8": (True, dict(heads_per_tile=4, block_n=64, num_warps=8, num_stages=2)),
-    "bsa_q_tma_n64": (False, dict(block_n=64, num_warps=4, num_stages=3, use_tma=True)),
-    "bsa_q_tma_n64_s4": (False, dict(block_n=64, num_warps=4, num_stages=4, use_tma=True)),
-    "bsa_kv_g2_tma_n64_w8": (True, dict(heads_per_tile=2, block_n=64, num_warps=8, num_stages=3,
-                                        use_tma=True)),
-    "bsa_kv_g2_tma_n64_w8_s4": (True, dict(heads_per_tile=2, block_n=64, num_warps=8, num_stages=4,
-                                           use_tma=True)),
+    "bsa_q_s2": (False, dict(num_warps=4, num_stages=2)),
+    "bsa_q_ws": (False, dict(num_warps=4, num_stages=3, warp_specialize=True)),
+    "bsa_kv_g1": (True, dict(heads_per_tile=1, num_warps=4, num_stages=3)),
+    "bsa_kv_g2_w4": (True, dict(heads_per_tile=2, num_warps=4, num_stages=3)),
+    "bsa_kv_g2_w4_s2": (True, dict(heads_per_tile=2, num_warps=4, num_stages=2)),
+    "bsa_kv_g2_w8_s2": (True, dict(heads_per_tile=2, num_warps=8, num_stages=2)),
+    "bsa_kv_g2_w8_ws": (True, dict(heads_per_tile=2, num_warps=8, num_stages=3, warp_specialize=True)),
+    "bsa_kv_g4_w8_s2": (True, dict(heads_per_tile=4, num_warps=8, num_stages=2)),
+    "bsa_kv_g4_w8_s3": (True, dict(heads_per_tile=4, num_warps=8, num_stages=3)),
+    "bsa_kv_g4_w16": (True, dict(heads_per_tile=4, num_warps=16, num_stages=3)),
 }
+# the pooled target, and its first pass alone (dense attention with lse)
+TARGETS = {"target": {}}
 TARGET_SWEEP = {
-    "target": {},
-    "target_q128": dict(attn_config=dict(block_q=128, heads_per_tile=1, block_n=128, num_warps=8,
-                                         num_stages=3)),
-    "target_q128_n64": dict(attn_config=dict(block_q=128, heads_per_tile=1, block_n=64, num_warps=8,
-                                             num_stages=3)),
-    "target_q128_tma": dict(attn_config=dict(block_q=128, heads_per_tile=1, block_n=128, num_warps=8,
-                                             num_stages=3, use_tma=True)),
-    "target_q128_tma_n64": dict(attn_config=dict(block_q=128, heads_per_tile=1, block_n=64,
-                                                 num_warps=8, num_stages=3, use_tma=True)),
+    "target_p1_n64": dict(attn_config=dict(block_n=64)),
+    "target_p1_ws": dict(attn_config=dict(warp_specialize=True)),
+    "target_p1_g2q64": dict(attn_config=dict(block_q=64, heads_per_tile=2, block_n=64)),
+    "target_p2_w4": dict(num_warps=4),
+    "target_p2_g1": dict(heads_per_tile=1, num_warps=4),
+    "target_p2_g4": dict(heads_per_tile=4, num_warps=8),
+}
+DENSE = {"dense_pass": {}}
+DENSE_SWEEP = {
+    "dense_pass_n64": dict(block_n=64),
+    "dense_pass_s2": dict(num_stages=2),
+    "dense_pass_ws": dict(warp_specialize=True),
+    "dense_pass_w4": dict(num_warps=4),
+    "dense_pass_g2q64": dict(block_q=64, heads_per_tile=2, block_n=64),
 }
 
 
@@ -126,11 +127,13 @@ def main():
     dev = "cuda"
     H, HKV, D, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
     variants = dict(VARIANTS, **(SWEEP if args.sweep else {}))
-    targets = TARGET_SWEEP if args.sweep else {"target": {}}
+    targets = dict(TARGETS, **(TARGET_SWEEP if args.sweep else {}))
+    dense_passes = dict(DENSE, **(DENSE_SWEEP if args.sweep else {}))
     records = []
 
     def record(name, T, density, ms, pairs, **extra):
-        tflops = 4 * D * H * pairs / ms / 1e9
+        """pairs: attended (query, key) pairs summed over all query heads."""
+        tflops = 4 * D * pairs / ms / 1e9
         records.append(dict(name=name, seqlen=T, density=density, ms=ms, tflops=tflops, **extra))
         print(f"{name:28s} T={T:6d} density={density:4.2f} {ms:9.3f} ms {tflops:6.1f} TFLOP/s "
               + " ".join(f"{k}={v}" for k, v in extra.items()), flush=True)
@@ -169,7 +172,7 @@ def main():
         q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16).transpose(1, 2)
         k = torch.randn(1, T, HKV, D, device=dev, dtype=torch.bfloat16).transpose(1, 2)
         v = torch.randn(1, T, HKV, D, device=dev, dtype=torch.bfloat16).transpose(1, 2)
-        dense_pairs = T * (T + 1) / 2
+        dense_pairs = H * T * (T + 1) / 2
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
         record("sdpa_cudnn", T, 1.0, bench(lambda: sdpa(qc, kc, vc, SDPBackend.CUDNN_ATTENTION), args),
                dense_pairs)
@@ -193,7 +196,7 @@ def main():
             for shared in (False, True):
                 idx, count = random_block_lists(1, HKV if shared else H, T, bs, density, dev, seed=2)
                 pairs = causal_pairs(count, bs, T) * (H // count.shape[1])
-                actual = pairs / H / dense_pairs
+                actual = pairs / dense_pairs
                 for name, (v_shared, kw) in variants.items():
                     if v_shared == shared:
                         ms = bench(lambda: block_sparse_attn_fwd(q, k, v, idx, count, bs, **kw), args)
@@ -211,6 +214,10 @@ def main():
                     del mask
                 del idx, count
 
+        for name, kw in dense_passes.items():
+            ms = bench(lambda: block_sparse_attn_fwd(q, k, v, None, None, bs, dense=True, return_lse=True,
+                                                     **kw), args)
+            record(name, T, 1.0, ms, dense_pairs)
         for name, kw in targets.items():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -254,12 +261,13 @@ def print_table(records, bs):
             r1 = f"{best / cudnn:.3f}" if best and cudnn else "-"
             r2 = f"{best / fm:.3f}" if best and fm else "-"
             print(f"| {T} | {d} | {' | '.join(cells)} | {r1} | {r2} |")
-    print("\n| T | target kernel | ms | / cuDNN dense | extra MiB |\n|---|---|---|---|---|")
+    print("\n| T | kernel | ms | TFLOP/s | / cuDNN dense | extra MiB |\n|---|---|---|---|---|---|")
     for r in timed:
-        if r["name"].startswith("target"):
+        if r["name"].startswith(("target", "dense_pass")):
             cudnn = get.get(("sdpa_cudnn", r["seqlen"], 1.0))
-            print(f"| {r['seqlen']} | {r['name']} | {r['ms']:.2f} | {r['ms'] / cudnn:.3f} | "
-                  f"{r['extra_mem_mb']} |")
+            ratio = f"{r['ms'] / cudnn:.3f}" if cudnn else "-"
+            print(f"| {r['seqlen']} | {r['name']} | {r['ms']:.2f} | {r['tflops']:.0f} | {ratio} | "
+                  f"{r.get('extra_mem_mb', '-')} |")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Triton block-sparse causal attention forward (GQA native, left padding, optional lse).
 
 Each program owns one query block of GM query heads of one KV group: a tile of GM * BLOCK_Q rows
-(GM > 1 only when the heads share one block list, i.e. one mask per KV head). It walks only its compact
-list of kept key blocks, BLOCK_N key rows per step; a step may gather several kept blocks (rows come
-from arbitrary blocks, loaded through per-row pointers) or a part of one. Kept blocks before the
-diagonal need no causal mask; a binary search over the ascending list finds where they end, so only
-the one step holding the diagonal block is masked.
+(GM > 1 only when the heads share one block list, i.e. one mask per KV head), so each K/V tile is read
+once for the GM heads. It walks only its compact list of kept key blocks, BLOCK_N <= block_size key
+rows per step, loaded through tensor descriptors. Kept blocks before the diagonal need no causal mask:
+a binary search over the ascending list finds where they end, so only the diagonal block is masked.
+
+Tried and dropped: steps that gather two kept blocks through per-row pointers (BLOCK_N = 2 * block
+size). Triton 3.6 miscompiled several such configurations on an H100-class GPU (wrong results at
+BLOCK_N == block_size and with GM > 1; the interpreter was right), and the descriptor loads were
+faster anyway (docs/kernels.md).
 
 The same kernel with DENSE=True ignores the lists and attends every causal key (used by the pooled
 attention target).
@@ -13,7 +17,6 @@ attention target).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -25,7 +28,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _step_start(idx_row, step, off, BLOCK_N: tl.constexpr, KBS: tl.constexpr, DENSE: tl.constexpr):
-    """First key row of a step when BLOCK_N <= KBS (the step lies inside one kept block)."""
+    """First key row of a step: steps of BLOCK_N <= KBS rows lie inside one kept block."""
     col0 = step * BLOCK_N
     if DENSE:
         t0 = off + col0
@@ -47,7 +50,7 @@ def block_sparse_attn_fwd_kernel(
     HQ: tl.constexpr, G: tl.constexpr, GM: tl.constexpr, MASK_PER_QHEAD: tl.constexpr,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, KBS: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, HAS_OFFSETS: tl.constexpr, RETURN_LSE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """q: [B, HQ, T, D]; k, v: [B, HKV, T, D]; o: [B, T, HQ, D]; lse: [B, HQ, T] float32 (log2 units
     are converted to natural log on store); block_idx: [B, HM, NB, K] int32; block_count: [B, HM, NB].
@@ -106,32 +109,21 @@ def block_sparse_attn_fwd_kernel(
         n_full = lo
         n_end = tl.minimum(count, n_full + 1)  # the diagonal block, if kept; later ones add nothing
 
-    k_base = k + i_b * stride_kb + i_kvh * stride_kh
-    v_base = v + i_b * stride_vb + i_kvh * stride_vh
-    if USE_TMA:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[T, D], strides=[stride_kt, 1],
-                                           block_shape=[BLOCK_N, D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[T, D], strides=[stride_vt, 1],
-                                           block_shape=[BLOCK_N, D])
-    c = tl.arange(0, BLOCK_N)
+    # K/V tiles arrive through tensor descriptors (the bulk copy engine on Hopper): each step's
+    # BLOCK_N <= KBS rows are contiguous inside one kept block, and rows past T read as zeros.
+    k_desc = tl.make_tensor_descriptor(k + i_b * stride_kb + i_kvh * stride_kh, shape=[T, D],
+                                       strides=[stride_kt, 1], block_shape=[BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(v + i_b * stride_vb + i_kvh * stride_vh, shape=[T, D],
+                                       strides=[stride_vt, 1], block_shape=[BLOCK_N, D])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
 
     # steps wholly before the diagonal: no mask at all
-    for step in range(0, (n_full * KBS) // BLOCK_N):
-        if USE_TMA:
-            t0 = _step_start(idx_row, step, off, BLOCK_N, KBS, DENSE)
-            k_tile = k_desc.load([t0, 0])
-            v_tile = v_desc.load([t0, 0])
-        else:
-            col = step * BLOCK_N + c
-            if DENSE:
-                t_k = off + col
-            else:
-                t_k = off + tl.load(idx_row + col // KBS) * KBS + col % KBS
-            k_tile = tl.load(k_base + t_k[:, None] * stride_kt + d[None, :])
-            v_tile = tl.load(v_base + t_k[:, None] * stride_vt + d[None, :])
+    for step in tl.range(0, (n_full * KBS) // BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        t0 = _step_start(idx_row, step, off, BLOCK_N, KBS, DENSE)
+        k_tile = k_desc.load([t0, 0])
+        v_tile = v_desc.load([t0, 0])
         s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.exp2(s * qk_scale - m_new[:, None])
@@ -140,29 +132,16 @@ def block_sparse_attn_fwd_kernel(
         acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
 
-    # the step(s) holding the diagonal: causal, partial last block, end of the list
+    # the steps of the diagonal block: causal mask, partial last block, rows with nothing kept
     for step in range((n_full * KBS) // BLOCK_N, tl.cdiv(n_end * KBS, BLOCK_N)):
-        if USE_TMA:  # the bulk copy zero-fills rows past T
-            t0 = _step_start(idx_row, step, off, BLOCK_N, KBS, DENSE)
-            t_k = t0 + c
-            k_ok = t_k < T
-            k_tile = k_desc.load([t0, 0])
-            v_tile = v_desc.load([t0, 0])
-        else:
-            col = step * BLOCK_N + c
-            entry = col // KBS
-            in_list = entry < n_end
-            if DENSE:
-                t_k = off + col
-            else:
-                t_k = off + tl.load(idx_row + entry, mask=in_list, other=0) * KBS + col % KBS
-            k_ok = in_list & (t_k < T)
-            k_tile = tl.load(k_base + t_k[:, None] * stride_kt + d[None, :], mask=k_ok[:, None], other=0.0)
-            v_tile = tl.load(v_base + t_k[:, None] * stride_vt + d[None, :], mask=k_ok[:, None], other=0.0)
+        t0 = _step_start(idx_row, step, off, BLOCK_N, KBS, DENSE)
+        t_k = t0 + tl.arange(0, BLOCK_N)
+        k_tile = k_desc.load([t0, 0])
+        v_tile = v_desc.load([t0, 0])
         s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale
-        s = tl.where(k_ok[None, :] & (t_k[None, :] <= t_q[:, None]), s, float("-inf"))
+        s = tl.where((t_k[None, :] <= t_q[:, None]) & (t_k < T)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept so far
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -211,37 +190,40 @@ def _descriptor_scratch(size, alignment, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _last_dim_contiguous(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
+def descriptor_ready(x):
+    """x with a contiguous last dim and 16-byte aligned base and strides (a tensor descriptor's needs)."""
+    aligned = x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1])
+    return x if x.stride(-1) == 1 and aligned else x.contiguous()
 
 
-def default_config(block_size, D, G, heads_per_tile_max, dtype):
-    """(heads_per_tile, block_n, num_warps, num_stages) for the H100/H200 class; small in the interpreter."""
+def default_config(block_q, kv_block, D, G, heads_per_tile_max, dtype):
+    """(heads_per_tile, block_n, num_warps, num_stages): measured on an H200 (docs/kernels.md);
+    small in the interpreter. kv_block: the largest block_n allowed (the key block size)."""
     gm = 1
-    while gm * 2 <= heads_per_tile_max and G % (gm * 2) == 0 and gm * 2 * block_size <= 128:
+    while gm * 2 <= heads_per_tile_max and G % (gm * 2) == 0 and gm * 2 * block_q <= 128:
         gm *= 2
     if _interpreting():
-        return gm, block_size, 4, 1
-    block_m = gm * block_size
-    block_n = 64 if (D > 128 or dtype == torch.float32) else 128
-    num_warps = 8 if block_m >= 128 else 4
-    num_stages = 2 if D > 128 else 3
+        return gm, kv_block, 4, 1
+    block_n = min(kv_block, 64 if (D > 128 or dtype == torch.float32) else 128)
+    num_warps = 8 if gm * block_q >= 128 else 4
+    num_stages = 2 if (D > 128 or dtype == torch.float32) else 3
     return gm, block_n, num_warps, num_stages
 
 
 def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=None, seq_offsets=None,
                           return_lse=False, dense=False, block_q=None, heads_per_tile=None,
-                          block_n=None, num_warps=None, num_stages=None, use_tma=None):
-    """Launcher. Shapes as in `triton_block_sparse_attention`; dense=True ignores block_idx/count
-    (pass None) and attends every causal key, with query blocks of block_q rows (default block_size).
-    heads_per_tile / block_n / num_warps / num_stages / use_tma (K/V through tensor descriptors, the
-    bulk copy engine; needs block_n <= block_size) override the heuristic (benchmarks)."""
+                          block_n=None, num_warps=None, num_stages=None, warp_specialize=False):
+    """Launcher. Shapes as in `triton_block_sparse_attention`. dense=True ignores block_idx/count
+    (pass None) and attends every causal key, with query blocks of block_q rows (default 128).
+    heads_per_tile / block_n (a power of two <= block_size) / num_warps / num_stages /
+    warp_specialize override the heuristic (benchmarks)."""
     B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
     G = HQ // HKV
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k, v = descriptor_ready(k), descriptor_ready(v)
     if dense:
         HM = HKV
-        block_q = block_q or block_size
+        block_q = block_q or 128
         block_idx = block_count = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
     else:
         block_q = block_size
@@ -258,19 +240,18 @@ def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=Non
         if block_count.dtype != torch.int32 or block_count.stride(-1) != 1:
             block_count = block_count.to(torch.int32).contiguous()
     mask_per_qhead = (not dense) and HM == HQ and G > 1
-    gm, bn, nw, ns = default_config(block_q, D, G, 1 if mask_per_qhead else G, q.dtype)
+    kv_block = block_q if dense else block_size
+    gm, bn, nw, ns = default_config(block_q, kv_block, D, G, 1 if mask_per_qhead else G, q.dtype)
     gm = heads_per_tile or gm
     bn, nw, ns = block_n or bn, num_warps or nw, num_stages or ns
-    use_tma = bool(use_tma)
-    if use_tma:
-        if not dense and bn > block_size:
-            raise ValueError(f"use_tma needs block_n <= block_size; found {bn} > {block_size}")
-        triton.set_allocator(_descriptor_scratch)
     if G % gm or (mask_per_qhead and gm != 1):
         raise ValueError(f"heads_per_tile must divide G={G} (and be 1 with per-query-head masks); found {gm}")
+    if bn & (bn - 1) or not 16 <= bn <= (256 if dense else block_size):
+        raise ValueError(f"block_n must be a power of two in [16, {256 if dense else block_size}]; found {bn}")
     if seq_offsets is not None and tuple(seq_offsets.shape) != (B,):
         raise ValueError(f"expected seq_offsets [B={B}]; found {tuple(seq_offsets.shape)}")
     scale = D**-0.5 if scale is None else scale
+    triton.set_allocator(_descriptor_scratch)
 
     o = torch.empty(B, T, HQ, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device) if return_lse else o
@@ -288,8 +269,8 @@ def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=Non
         HQ=HQ, G=G, GM=gm, MASK_PER_QHEAD=mask_per_qhead, D=D, BLOCK_Q=block_q,
         KBS=bn if dense else block_size, BLOCK_N=bn, DENSE=dense,
         HAS_OFFSETS=seq_offsets is not None, RETURN_LSE=return_lse,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
-        num_warps=nw, num_stages=ns,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        WARP_SPECIALIZE=warp_specialize, num_warps=nw, num_stages=ns,
     )
     return (o, lse) if return_lse else o
 

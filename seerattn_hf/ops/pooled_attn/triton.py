@@ -12,7 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_sparse_attn.triton import LOG2E, block_sparse_attn_fwd, check_attention_inputs, _interpreting
+from ..block_sparse_attn.triton import (
+    LOG2E,
+    _descriptor_scratch,
+    _interpreting,
+    block_sparse_attn_fwd,
+    check_attention_inputs,
+    descriptor_ready,
+)
 
 
 @triton.jit
@@ -50,32 +57,29 @@ def pooled_max_fwd_kernel(
                      + d[None, :], mask=row_ok[:, None], other=0.0)
     # scores in log2 units minus the row's log2-sum-exp: exp2 of it is the probability
     row_lse = tl.load(lse + (i_b * HQ + r_head) * T + t_q, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    k_base = k + i_b * stride_kb + i_kvh * stride_kh
-    c = tl.arange(0, BS)
-    g = tl.arange(0, GM)
-    out = pooled + ((i_b * HQ + h0 + g) * NB + i_q) * NB
+    k_desc = tl.make_tensor_descriptor(k + i_b * stride_kb + i_kvh * stride_kh, shape=[T, D],
+                                       strides=[stride_kt, 1], block_shape=[BS, D])
+    out = pooled + ((i_b * HQ + h0 + tl.arange(0, GM)) * NB + i_q) * NB
 
     for j in range(0, i_q):
-        t_k = off + j * BS + c
-        k_tile = tl.load(k_base + t_k[:, None] * stride_kt + d[None, :])
-        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale
-        row_max = tl.max(s, 1) - row_lse
+        k_tile = k_desc.load([off + j * BS, 0])
+        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
+        row_max = tl.max(s, 1) * qk_scale - row_lse  # the scale is positive: max first
         tl.store(out + j, tl.exp2(tl.max(tl.reshape(row_max, [GM, BS]), 1)))
 
-    t_k = off + i_q * BS + c
-    k_tile = tl.load(k_base + t_k[:, None] * stride_kt + d[None, :], mask=(t_k < T)[:, None], other=0.0)
+    t_k = off + i_q * BS + tl.arange(0, BS)
+    k_tile = k_desc.load([off + i_q * BS, 0])  # rows past T read as zeros
     s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale
     s = tl.where((t_k[None, :] <= t_q[:, None]) & row_ok[:, None], s, float("-inf"))
     row_max = tl.max(s, 1) - row_lse
     tl.store(out + i_q, tl.exp2(tl.max(tl.reshape(row_max, [GM, BS]), 1)))
 
 
-
 def pooled_attn_fwd(q, k, v, block_size, scale=None, seq_offsets=None, attn_config=None,
                     heads_per_tile=None, num_warps=None, num_stages=None):
     """Launcher. Shapes as in `triton_pooled_attention`. attn_config: keyword overrides for the
-    dense attention pass (block_q, heads_per_tile, block_n, num_warps, num_stages); the other
-    arguments override the pooled pass's heuristic (benchmarks)."""
+    dense attention pass (block_q, heads_per_tile, block_n, num_warps, num_stages, warp_specialize);
+    the other arguments override the pooled-map pass's heuristic (benchmarks)."""
     B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
     G = HQ // HKV
     if seq_offsets is not None and tuple(seq_offsets.shape) != (B,):
@@ -84,7 +88,8 @@ def pooled_attn_fwd(q, k, v, block_size, scale=None, seq_offsets=None, attn_conf
     o, lse = block_sparse_attn_fwd(q, k, v, None, None, block_size, scale=scale,
                                    seq_offsets=seq_offsets, return_lse=True, dense=True,
                                    **(attn_config or {}))
-    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = descriptor_ready(k)
     NB = triton.cdiv(T, block_size)
     gm = 1
     while gm * 2 <= G and G % (gm * 2) == 0 and gm * 2 * block_size <= 128:
@@ -95,6 +100,7 @@ def pooled_attn_fwd(q, k, v, block_size, scale=None, seq_offsets=None, attn_conf
     nw = num_warps or (1 if _interpreting() else (8 if gm * block_size >= 128 else 4))
     ns = num_stages or (1 if _interpreting() else 3)
     pooled = torch.zeros(B, HQ, NB, NB, dtype=torch.float32, device=q.device)
+    triton.set_allocator(_descriptor_scratch)
     pooled_max_fwd_kernel[(NB * (G // gm), HKV, B)](
         q, k, lse, pooled, seq_offsets if seq_offsets is not None else lse,
         q.stride(0), q.stride(1), q.stride(2),
