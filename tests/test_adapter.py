@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from model_factory import tiny_model
 from safetensors.torch import load_file, save_file
 
 import seerattn_hf as sa

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_ARCHITECTURES, tiny_model
+from model_factory import TINY_ARCHITECTURES, tiny_model
 
 import seerattn_hf as sa
 from seerattn_hf.ops.block_sparse_attn import naive_block_sparse_attention
