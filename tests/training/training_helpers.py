@@ -1,7 +1,6 @@
 """Helpers of the trainer tests: a character tokenizer, random documents, tiny-run arguments.
 
-The root tests/conftest.py (tiny models) is loaded by path: several test folders hold a module named
-`conftest`, so `from conftest import ...` would find whichever pytest imported last.
+Tiny models come from tests/model_factory.py (a plain module: several test folders hold a conftest.py).
 """
 
 from __future__ import annotations
@@ -12,11 +11,7 @@ import random
 import string
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("_seer_root_conftest", Path(__file__).parents[1] / "conftest.py")
-root_conftest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(root_conftest)
-tiny_model = root_conftest.tiny_model
-smollm2_folder = root_conftest.smollm2_folder
+from model_factory import smollm2_folder, tiny_model  # noqa: F401  (tests/ is on sys.path)
 
 WORDS = ("the king queen speaks night crown sword love death ghost castle storm fool letter ring "
          "Denmark Scotland island music wine grave forest").split()
