@@ -72,8 +72,6 @@ def sdpa(q, k, v, backend):
 VARIANTS = {
     "bsa_q": (False, {}),
     "bsa_kv": (True, {}),
-    "bsa_q_noprefetch": (False, dict(prefetch_index=False)),
-    "bsa_kv_noprefetch": (True, dict(prefetch_index=False)),
 }
 SWEEP = {
     "bsa_q_s2": (False, dict(num_warps=4, num_stages=2)),
@@ -171,12 +169,15 @@ def main():
         del qc, kc, vc
         use_flex = not args.no_flex and T <= args.flex_max_seqlen
         if use_flex:
-            from torch.nn.attention.flex_attention import create_block_mask
-
             from seerattn_hf.ops.block_sparse_attn.flex import _compiled_flex, build_block_mask
 
             flex = _compiled_flex()
-            causal = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, T, T, device=dev)
+            # dense causal mask with Flex's default 128-token blocks, built from lists (create_block_mask
+            # would materialize T x T)
+            nb = triton.cdiv(T, 128)
+            causal = build_block_mask(torch.arange(nb, device=dev, dtype=torch.int32).expand(1, 1, nb, nb),
+                                      torch.arange(1, nb + 1, device=dev, dtype=torch.int32).view(1, 1, nb),
+                                      128, T, 1)
             record("flex_dense", T, 1.0, bench(lambda: flex(q, k, v, block_mask=causal, enable_gqa=True),
                                                args), dense_pairs)
             del causal

