@@ -37,7 +37,7 @@ def pooled_max_fwd_kernel(
     BLOCK_M: tl.constexpr = GM * BS
     pid = tl.program_id(0)
     i_kvh = tl.program_id(1)
-    i_b = tl.program_id(2)
+    i_b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2**31 elements
     n_htiles: tl.constexpr = G // GM
     i_q = NB - 1 - pid // n_htiles
     h0 = i_kvh * G + (pid % n_htiles) * GM
