@@ -78,7 +78,7 @@ def pooled_max_fwd_kernel(
 def pooled_attn_fwd(q, k, v, block_size, scale=None, seq_offsets=None, attn_config=None,
                     heads_per_tile=None, num_warps=None, num_stages=None):
     """Launcher. Shapes as in `triton_pooled_attention`. attn_config: keyword overrides for the
-    dense attention pass (block_q, heads_per_tile, block_n, num_warps, num_stages, warp_specialize);
+    dense attention pass (block_q, heads_per_tile, block_n, num_warps, num_stages);
     the other arguments override the pooled-map pass's heuristic (benchmarks)."""
     B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
     G = HQ // HKV
