@@ -241,3 +241,94 @@ def retrieval_markdown(summary: dict) -> str:
                           sum(c["accuracy"] for c in cells) / len(cells)])
         lines += [f"## {task}", "", markdown_table(["setting", "density", *map(str, lengths), "mean"], table)]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- prefill
+
+def prefill_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Time to first token (model(input_ids, logits_to_keep=1), batch 1, random token ids) of "
+                    "dense SDPA against SeerAttention at densities and thresholds, with a breakdown into gate, "
+                    "attention and everything else. Untrained (random) gates at a density cost exactly what "
+                    "trained ones do: the kernel's work depends on the number of kept blocks, not on which. "
+                    "Writes results.json, results.md and prefill.png to --output.")
+    _add_model_arguments(parser, default_model=None)
+    parser.add_argument("--config_preset", default=None, choices=sorted(_presets()),
+                        help="build a model of this shape with random weights instead of loading --model")
+    parser.add_argument("--num_layers", type=int, default=None, help="shrink a --config_preset model to N layers")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--warmup", type=int, default=1, help="untimed prefills before the timed ones")
+    parser.add_argument("--repeats", type=int, default=3, help="timed prefills per point (the median is reported)")
+    _add_sparsity_arguments(parser, ["dense", "gate"], [0.5, 0.3, 0.1])
+    parser.add_argument("--output", required=True, help="output folder")
+    return parser
+
+
+def _presets():
+    from .models import CONFIG_PRESETS
+
+    return CONFIG_PRESETS
+
+
+def prefill_main(argv: list[str] | None = None) -> dict:
+    from tqdm.auto import tqdm
+
+    from .models import build_random_model, load_model_and_tokenizer, patch_model, resolve_device
+    from .plots import plot_prefill
+    from .prefill import benchmark_prefill
+    from .reports import write_json, write_text
+
+    parser = prefill_parser()
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.config_preset is None):
+        parser.error("give exactly one of --model and --config_preset")
+    # Random gates are fine here: only the share of kept blocks matters for speed.
+    settings = _settings(args, allow_untrained_gate=True)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    if args.config_preset:
+        model = build_random_model(args.config_preset, device, _dtype_name(args), args.num_layers)
+    else:
+        model, _ = load_model_and_tokenizer(args.model, args.gguf_file, device, _dtype_name(args))
+    patch_model(model, args.gates, **_sparsity_fields(args))
+    header = {**_run_header(args, model), "config_preset": args.config_preset,
+              "num_layers": model.config.num_hidden_layers, "warmup": args.warmup, "repeats": args.repeats}
+
+    def save(results: list[dict]) -> None:
+        # Written after every length: a run stopped at a time limit keeps what it measured.
+        summary = {"task": "prefill", **header, "results": results}
+        write_json(output / "results.json", summary)
+        write_text(output / "results.md", prefill_markdown(summary))
+
+    with tqdm(total=len(args.lengths) * len(settings), desc="prefill", unit="point") as bar:
+        results = benchmark_prefill(model, args.lengths, settings, args.warmup, args.repeats,
+                                    on_length_done=save, progress=bar)
+    summary = {"task": "prefill", **header, "results": results}
+    save(results)
+    plot_prefill([r for r in results if "ttft_s" in r], output / "prefill.png")
+    print(prefill_markdown(summary))
+    return summary
+
+
+def prefill_markdown(summary: dict) -> str:
+    from .reports import markdown_table
+
+    name = summary["config_preset"] or summary["model"]
+    lines = [f"# Prefill: {name} ({summary['num_layers']} layers, {summary['dtype']}, {summary['device']})", "",
+             f"Median of {summary['repeats']} prefills after {summary['warmup']} warm-up. No-attention: the same "
+             "prefill with attention replaced by a no-op. Gate / attention / other: one prefill timed inside "
+             "(events around each gate and each attention call; attention excludes the gate).", ""]
+    dense = {r["length"]: r.get("ttft_s") for r in summary["results"] if r["method"] == "dense"}
+    table = []
+    for r in summary["results"]:
+        if "error" in r:
+            table.append([r["length"], r["label"], None, None, None, None, None, None, None, r["error"][:60]])
+            continue
+        b = r["breakdown"]
+        speedup = dense.get(r["length"]) / r["ttft_s"] if dense.get(r["length"]) else None
+        table.append([r["length"], r["label"], r["density"], r["ttft_s"], speedup, r["ttft_no_attention_s"],
+                      b["gate_s"], b["attention_s"], b["other_s"], None])
+    lines.append(markdown_table(["tokens", "setting", "density", "TTFT s", "speed-up", "no-attention s",
+                                 "gate s", "attention s", "other s", "error"], table))
+    return "\n".join(lines)

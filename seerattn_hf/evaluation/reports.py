@@ -57,4 +57,5 @@ def relative_change(value: float | None, reference: float | None) -> str | None:
     """'+2.4%' style change of `value` over `reference`."""
     if value is None or reference is None:
         return None
-    return f"{100.0 * (value / reference - 1.0):+.1f}%"
+    change = round(100.0 * (value / reference - 1.0), 1)
+    return f"{change + 0.0:+.1f}%"  # + 0.0 turns -0.0 into 0.0
