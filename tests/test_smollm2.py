@@ -43,3 +43,24 @@ def test_patched_smollm2_keeps_its_perplexity(smollm2):
     finally:
         sa.remove_seer_attention(model)
     assert _perplexity(model, input_ids) == dense
+
+
+@pytest.mark.gpu
+def test_triton_backend_gives_the_torch_backend_perplexity(smollm2):
+    model, tokenizer = smollm2
+    model = model.to("cuda", torch.bfloat16)
+    text = load_default_corpus("test")[1]["text"]
+    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :4000].cuda()  # a partial last block
+    sa.apply_seer_attention(model, sa.SeerAttentionConfig(sparsity_method="density", density=0.3,
+                                                         backend="torch"))
+    try:
+        torch_ppl = _perplexity(model, input_ids)
+        sa.update_sparsity_config(model, backend="triton")
+        triton_ppl = _perplexity(model, input_ids)
+        sa.set_attention_mode(model, "dense")
+        dense_ppl = _perplexity(model, input_ids)
+    finally:
+        sa.remove_seer_attention(model)
+        model.to("cpu", torch.float32)
+    assert triton_ppl == pytest.approx(torch_ppl, rel=5e-3)
+    assert triton_ppl > dense_ppl
