@@ -31,6 +31,10 @@ class ModelArguments:
     model_dtype: str = field(default="auto", metadata={
         "help": f"dtype of the frozen base weights, one of {list(MODEL_DTYPES)}; 'auto' follows accelerate's "
                 "mixed precision (bf16 -> bfloat16, fp16 -> float16, else float32). Gates stay float32."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "Tokenizer to pack the data with; default: the model's own (the embedded name works too)."})
+    random_weights: bool = field(default=False, metadata={
+        "help": "Build the model from its config.json with random weights (timing runs: no weights needed)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Passed to transformers' from_pretrained."})
 
 

@@ -13,6 +13,7 @@ Run folder (`output_dir`):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -71,17 +72,33 @@ def base_model_dtype(model_dtype: str, mixed_precision: str, gguf: bool) -> torc
     return getattr(torch, model_dtype)
 
 
-def load_model_and_tokenizer(arguments: Arguments, mixed_precision: str = "no"):
-    """The frozen base model (eval mode, SDPA attention, no parameter requiring grad) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model_and_tokenizer(arguments: Arguments, mixed_precision: str = "no", device: torch.device | None = None):
+    """The frozen base model (eval mode, SDPA attention, no parameter requiring grad, on `device`) and
+    the tokenizer (`tokenizer_name_or_path`, default the model's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path, gguf_file = resolve_model_source(arguments.model.model_name_or_path, arguments.model.gguf_file)
-    options = {"trust_remote_code": arguments.model.trust_remote_code}
-    if gguf_file:
-        options["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(path, **options)
-    dtype = base_model_dtype(arguments.model.model_dtype, mixed_precision, gguf_file is not None)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **options)
+    model_args = arguments.model
+    path, gguf_file = resolve_model_source(model_args.model_name_or_path, model_args.gguf_file)
+    options = {"trust_remote_code": model_args.trust_remote_code}
+    gguf_option = {"gguf_file": gguf_file} if gguf_file else {}
+    if model_args.tokenizer_name_or_path:
+        tokenizer_path, tokenizer_gguf = resolve_model_source(model_args.tokenizer_name_or_path, None)
+        tokenizer_option = {"gguf_file": tokenizer_gguf} if tokenizer_gguf else {}
+    else:
+        tokenizer_path, tokenizer_option = path, gguf_option
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **options, **tokenizer_option)
+    dtype = base_model_dtype(model_args.model_dtype, mixed_precision, gguf_file is not None)
+    if model_args.random_weights:
+        config = AutoConfig.from_pretrained(path, **options, **gguf_option)
+        # Initialised on the target device: a CPU init of an 8B model takes minutes.
+        with torch.device(device or "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+                                                     trust_remote_code=model_args.trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                     **options, **gguf_option)
+    if device is not None:
+        model.to(device)
     model.requires_grad_(False)
     return model.eval(), tokenizer
 
@@ -184,8 +201,7 @@ class Trainer:
         self.resume_path = (resolve_checkpoint(train.resume_from_checkpoint, train.output_dir)
                             if train.resume_from_checkpoint else None)
         set_seed(train.seed)
-        model, tokenizer = load_model_and_tokenizer(arguments, accelerator.mixed_precision)
-        model.to(accelerator.device)
+        model, tokenizer = load_model_and_tokenizer(arguments, accelerator.mixed_precision, accelerator.device)
         add_gates(model, arguments)
 
         self.global_batch = (train.per_device_train_batch_size * train.gradient_accumulation_steps
@@ -230,8 +246,8 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(temporary))
         accelerator.wait_for_everyone()
+        self._save_gates(temporary / GATES)
         if accelerator.is_main_process:
-            save_gates(self.base, temporary / GATES)
             state = {"step": self.step, "global_batch": self.global_batch, "seq_len": self.arguments.data.seq_len,
                      "micro_batches_per_process": self.step * train.gradient_accumulation_steps,
                      "num_processes": accelerator.num_processes}
@@ -260,7 +276,8 @@ class Trainer:
             raise ValueError(f"{path} was written by a run with other data settings; (checkpoint, now): {different}. "
                              "Resume with the same seq_len and global batch (batch x accumulation x processes)")
         self.accelerator.load_state(str(path))
-        load_gate_weights(self.base, path / GATES)
+        if not self._is_fsdp():  # FSDP: accelerate restored the sharded model, gates included
+            load_gate_weights(self.base, path / GATES)
         self.step = int(state["step"])
 
     # Loop --------------------------------------------------------------------------------------
@@ -343,26 +360,43 @@ class Trainer:
         progress.close()
         return self._finish(final_eval)
 
-    def _clip_parameters(self):
+    def _is_fsdp(self) -> bool:
         from accelerate.utils import DistributedType
 
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _clip_parameters(self):
         # FSDP clips through its own method, which needs the prepared model's full parameter list.
-        if self.accelerator.distributed_type == DistributedType.FSDP:
+        if self._is_fsdp():
             return self.model.parameters()
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _save_gates(self, folder: Path) -> None:
+        """`save_gates` from the main process; under FSDP every rank first gathers the full parameters
+        (to the CPU of rank 0) since the gates are sharded with the base weights."""
+        gather = contextlib.nullcontext()
+        if self._is_fsdp():
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            gather = FullyShardedDataParallel.summon_full_params(self.model, writeback=False, rank0_only=True,
+                                                                 offload_to_cpu=True)
+        with gather:
+            if self.accelerator.is_main_process:
+                save_gates(self.base, folder)
 
     def _finish(self, final_eval: dict) -> dict:
         accelerator, arguments = self.accelerator, self.arguments
         accelerator.wait_for_everyone()
         summary = {"step": self.step, "eval": final_eval, "output_dir": str(self.output_dir)}
-        if accelerator.is_main_process:
-            save_gates(self.base, self.output_dir)
-            if arguments.train.push_to_hub:
-                summary["hub_commit"] = push_gates_to_hub(self.base, arguments.train.push_to_hub)
-            if arguments.train.eval_after_training and len(self.data.eval):
-                rows = sparse_perplexity_report(self.base, self.data.eval, arguments.gate.eval_densities,
-                                                arguments.gate.threshold, arguments.train.per_device_eval_batch_size)
-                summary["perplexity"] = rows
+        self._save_gates(self.output_dir)
+        if accelerator.is_main_process and arguments.train.push_to_hub:
+            summary["hub_commit"] = push_gates_to_hub(self.base, arguments.train.push_to_hub)
+        if arguments.train.eval_after_training and len(self.data.eval):
+            # Every rank runs it (FSDP forwards need all ranks); the main process reports.
+            rows = sparse_perplexity_report(self.base, self.data.eval, arguments.gate.eval_densities,
+                                            arguments.gate.threshold, arguments.train.per_device_eval_batch_size)
+            summary["perplexity"] = rows
+            if accelerator.is_main_process:
                 atomic_write_text(self.output_dir / "perplexity.json", json.dumps(rows, indent=2) + "\n")
                 print(format_perplexity_report(rows, f"Held-out perplexity ({len(self.data.eval)} x "
                                                      f"{arguments.data.seq_len} tokens), trained gates:"), flush=True)

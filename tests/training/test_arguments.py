@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from training_helpers import write_tiny_checkpoint
 
 from seerattn_hf.training.arguments import build_parser, field_names, parse_arguments
 from seerattn_hf.training.cli import main
@@ -48,6 +49,22 @@ def test_defaults_without_config():
 def test_shipped_configs_parse(name):
     arguments = parse_arguments(["--config", str(CONFIGS / name)])
     assert arguments.data.seq_len >= 1024
+
+
+def test_random_weight_model_from_a_config_folder(tmp_path):
+    from transformers import AutoConfig
+
+    from seerattn_hf.training.distill import load_model_and_tokenizer
+
+    folder = tmp_path / "model"
+    write_tiny_checkpoint(folder)
+    (folder / "model.safetensors").unlink()  # a config and a tokenizer, no weights
+    arguments = parse_arguments(["--model_name_or_path", str(folder), "--random_weights", "true"])
+    model, tokenizer = load_model_and_tokenizer(arguments)
+    assert model.config.num_hidden_layers == AutoConfig.from_pretrained(folder).num_hidden_layers
+    assert not any(p.requires_grad for p in model.parameters()) and tokenizer.eos_token_id == 2
+    eight_b = AutoConfig.from_pretrained(CONFIGS / "models" / "llama-3.1-8b")
+    assert (eight_b.num_hidden_layers, eight_b.num_key_value_heads, eight_b.hidden_size) == (32, 8, 4096)
 
 
 def test_paper_recipes_match_method():
