@@ -330,6 +330,7 @@ class Trainer:
             micro_steps += 1
             if not accelerator.sync_gradients:
                 continue
+            step_lr = self.scheduler.get_last_lr()[0]  # the rate this step's update used
             self.scheduler.step()
             self.step += 1
             window_steps += 1
@@ -342,7 +343,7 @@ class Trainer:
             progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
             if self.step % train.logging_steps == 0 or self.step == train.max_steps:
                 record = {"step": self.step, "loss": step_loss, "kl": float(per_layer_kl.mean()),
-                          "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
+                          "lr": step_lr, "tokens_per_s": tokens_per_s,
                           "peak_memory_gib": peak_memory_gib(accelerator.device),
                           "grad_norm": None if grad_norm is None else float(grad_norm),
                           "kl_per_layer": [float(v) for v in per_layer_kl]}
@@ -394,7 +395,8 @@ class Trainer:
         if arguments.train.eval_after_training and len(self.data.eval):
             # Every rank runs it (FSDP forwards need all ranks); the main process reports.
             rows = sparse_perplexity_report(self.base, self.data.eval, arguments.gate.eval_densities,
-                                            arguments.gate.threshold, arguments.train.per_device_eval_batch_size)
+                                            arguments.gate.threshold, arguments.train.per_device_eval_batch_size,
+                                            forward=self.model)
             summary["perplexity"] = rows
             if accelerator.is_main_process:
                 atomic_write_text(self.output_dir / "perplexity.json", json.dumps(rows, indent=2) + "\n")

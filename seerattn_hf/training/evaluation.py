@@ -37,7 +37,9 @@ def gate_quality(model: nn.Module, sequences: torch.Tensor, batch_size: int, den
 
 @torch.no_grad()
 def perplexity(model: nn.Module, sequences: torch.Tensor, batch_size: int = 1) -> float:
-    """exp(mean next-token negative log-likelihood) over `sequences` (`[N, T]` token ids)."""
+    """exp(mean next-token negative log-likelihood) over `sequences` (`[N, T]` token ids).
+
+    `model` is called as is (it may be an accelerate-prepared wrapper)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for chunk in sequences.split(batch_size):
@@ -52,23 +54,25 @@ def perplexity(model: nn.Module, sequences: torch.Tensor, batch_size: int = 1) -
 
 @torch.no_grad()
 def sparse_perplexity_report(model: nn.Module, sequences: torch.Tensor, densities, threshold: float,
-                             batch_size: int = 1) -> list[dict]:
+                             batch_size: int = 1, forward: nn.Module | None = None) -> list[dict]:
     """Perplexity with dense attention, then with gate-selected sparse attention at each density and at
     `threshold`, with the block density actually computed. Rows: `{"setting", "perplexity", "density"}`.
 
+    `forward` is the module to call (an accelerate-prepared wrapper of `model`), default `model`.
     The model's sparsity settings are restored and it is left in distillation mode.
     """
+    forward = model if forward is None else forward
     saved = {name: getattr(model.seer_config, name) for name in ("sparsity_method", "density", "threshold")}
     rows = []
     set_attention_mode(model, "dense")
-    rows.append({"setting": "dense", "perplexity": perplexity(model, sequences, batch_size), "density": 1.0})
+    rows.append({"setting": "dense", "perplexity": perplexity(forward, sequences, batch_size), "density": 1.0})
     set_attention_mode(model, "sparse")
     settings = [(f"density={d:g}", {"sparsity_method": "density", "density": float(d)}) for d in densities]
     settings.append((f"threshold={threshold:g}", {"sparsity_method": "threshold", "threshold": threshold}))
     for name, changes in settings:
         update_sparsity_config(model, **changes)
         reset_sparsity_stats(model)
-        value = perplexity(model, sequences, batch_size)
+        value = perplexity(forward, sequences, batch_size)
         rows.append({"setting": name, "perplexity": value, "density": get_sparsity_stats(model)["density"]})
     update_sparsity_config(model, **saved)
     set_attention_mode(model, "distill")
