@@ -103,3 +103,20 @@ def test_bench_prefill(tmp_path):
         assert (row["breakdown"]["gate_s"] > 0) == (row["method"] == "gate")
     sparse = {(r["length"], r["value"]): r["density"] for r in rows if r["method"] == "gate"}
     assert sparse[(256, 0.2)] < sparse[(256, 0.5)] < 1.0
+
+
+def test_eval_ppl_with_a_gate_adapter(tiny_checkpoint, text_files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import seerattn_hf as sa
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=16, gate_hidden_size=16))
+    sa.save_gates(model, tmp_path / "gates")
+    summary = ppl_main(["--model", str(tiny_checkpoint), "--gates", str(tmp_path / "gates"),
+                        "--data_files", str(text_files / "play.txt"), "--lengths", "128",
+                        "--methods", "dense", "gate", "--densities", "0.3", "--coverages", "0.5",
+                        "--output", str(tmp_path / "out")])
+    assert summary["seer_config"]["block_size"] == 16  # from the adapter, not --block_size
+    rows = {r["label"]: r for r in summary["results"]}
+    assert rows["gate d=0.3"]["density"] < 0.6 and rows["gate p=0.5"]["density"] < 1.0
