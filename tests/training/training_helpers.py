@@ -5,7 +5,6 @@ Tiny models come from tests/model_factory.py (a plain module: several test folde
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import string
