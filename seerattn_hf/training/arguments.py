@@ -45,6 +45,9 @@ class DataArguments:
                 "neither this nor data_files is set, the embedded Shakespeare corpus is used (its 'test' "
                 "split, four held-out plays, is the evaluation set)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of dataset_name."})
+    dataset_revision: str | None = field(default=None, metadata={
+        "help": "Revision of dataset_name; 'refs/convert/parquet' reads the Hub's parquet export of a dataset "
+                "that still ships a loading script (datasets >= 4 no longer runs them)."})
     dataset_split: str = field(default="train", metadata={"help": "Split of the dataset to train on."})
     eval_split: str | None = field(default=None, metadata={
         "help": "Split to evaluate on; None holds out eval_num_sequences packed sequences of the training "
@@ -175,9 +178,20 @@ def parse_arguments(argv: list[str] | None = None) -> Arguments:
         parser.set_defaults(**read_config_file(config_path))
     *groups, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False,
                                                     look_for_args_file=False)
+    for group in groups:
+        _clear_none_strings(group)
     arguments = Arguments(*groups)
     validate(arguments)
     return arguments
+
+
+def _clear_none_strings(group) -> None:
+    """`--name none` (or null) unsets an optional field that a YAML file set, e.g. `--dataset_name none`."""
+    for item in dataclasses.fields(group):
+        value = getattr(group, item.name)
+        # The default tells optional fields apart (HfArgumentParser rewrites `field.type`).
+        if item.default is None and isinstance(value, str) and value.lower() in ("none", "null"):
+            setattr(group, item.name, None)
 
 
 def _check(ok: bool, name: str, expected: str, found) -> None:
@@ -195,7 +209,8 @@ def validate(arguments: Arguments) -> None:
            data.preprocessing_batch_size)
     _check(data.shuffle_buffer_size >= 1, "shuffle_buffer_size", "an integer >= 1", data.shuffle_buffer_size)
     _check(not (data.dataset_name and data.data_files), "data_files",
-           "either dataset_name or data_files, not both", data.data_files)
+           "either dataset_name or data_files, not both (`--dataset_name none` unsets a configured dataset)",
+           data.data_files)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "max_steps", "logging_steps"):
         value = getattr(train, name)

@@ -66,7 +66,7 @@ def load_documents(data: DataArguments, split: str):
         options = {"sample_by": "document"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split=split, streaming=data.streaming, **options)
     return datasets.load_dataset(data.dataset_name, data.dataset_config_name, split=split,
-                                 streaming=data.streaming)
+                                 streaming=data.streaming, revision=data.dataset_revision)
 
 
 def check_text_column(documents, text_column: str) -> None:

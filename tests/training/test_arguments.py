@@ -39,6 +39,12 @@ def test_yaml_fills_fields_and_command_line_overrides(tmp_path):
     assert arguments.train.loss_scale == 10.0 and arguments.train.skip_first_query_blocks_fraction == 0.25
 
 
+def test_none_unsets_an_optional_field_from_yaml():
+    config = str(CONFIGS / "qwen3-8b.yaml")
+    arguments = parse_arguments(["--config", config, "--dataset_name", "none", "--data_files", "a.parquet"])
+    assert arguments.data.dataset_name is None and arguments.data.data_files == ["a.parquet"]
+
+
 def test_defaults_without_config():
     arguments = parse_arguments([])
     assert arguments.model.model_name_or_path == "embedded:smollm2-135m"
