@@ -119,22 +119,24 @@ def ppl_main(argv: list[str] | None = None) -> dict:
     model, tokenizer = _load_patched(args)
     documents = load_documents(args.data_files, args.dataset_name, args.dataset_config, args.split,
                                args.text_column, limit=args.num_documents if args.dataset_name else None)
-    results, skipped = [], {}
+    summary = {"task": "perplexity", **_run_header(args, model), "lengths": args.lengths,
+               "documents_too_short": {}, "results": []}
     for length in args.lengths:
         windows, too_short = document_windows(tokenizer, documents, length, args.num_documents)
         if too_short:
-            skipped[length] = too_short
+            summary["documents_too_short"][length] = too_short
         if not windows:
             warnings.warn(f"no document has {length} tokens; skipping that length")
             continue
         with tqdm(total=len(windows) * len(settings), desc=f"perplexity at {length} tokens", unit="forward") as bar:
             for row in evaluate_perplexity(model, windows, settings, progress=bar):
-                results.append({"length": length, **row})
-    summary = {"task": "perplexity", **_run_header(args, model), "lengths": args.lengths,
-               "documents_too_short": skipped, "results": results}
+                summary["results"].append({"length": length, **row})
+        # Written after every length: a run stopped at a time limit keeps what it measured.
+        write_json(output / "results.json", summary)
+        write_text(output / "results.md", ppl_markdown(summary))
     write_json(output / "results.json", summary)
     write_text(output / "results.md", ppl_markdown(summary))
-    plot_ppl_vs_density(results, output / "ppl_vs_density.png")
+    plot_ppl_vs_density(summary["results"], output / "ppl_vs_density.png")
     print(ppl_markdown(summary))
     return summary
 

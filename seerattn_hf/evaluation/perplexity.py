@@ -26,7 +26,9 @@ def document_windows(tokenizer, documents: list[dict], length: int, num_document
     for document in documents:
         if num_documents is not None and len(windows) >= num_documents:
             break
-        ids = tokenizer(document["text"], add_special_tokens=False)["input_ids"]
+        # A token spans at least one character: 16 characters a token leaves a wide margin, and books
+        # of hundreds of thousands of characters are not tokenized whole.
+        ids = tokenizer(document["text"][:16 * length], add_special_tokens=False)["input_ids"]
         if bos is not None:
             ids = [bos] + ids
         if len(ids) < length:

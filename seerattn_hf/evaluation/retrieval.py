@@ -51,14 +51,10 @@ class PromptBuilder:
         self.use_chat_template = (getattr(tokenizer, "chat_template", None) is not None
                                   if use_chat_template is None else use_chat_template)
         self.haystack = tokenizer(haystack_text, add_special_tokens=False)["input_ids"]
-        self._sentence_ends: list[bool] | None = None
-
-    def _sentence_end_flags(self, count: int) -> list[bool]:
-        # Needles go right after a token ending a sentence or a line, as RULER inserts at sentence breaks.
-        if self._sentence_ends is None or len(self._sentence_ends) < count:
-            pieces = self.tokenizer.batch_decode([[i] for i in self.haystack[:count]])
-            self._sentence_ends = [("." in p or "\n" in p or "!" in p or "?" in p) for p in pieces]
-        return self._sentence_ends
+        # Needles go right after a token that ends a sentence or a line, as RULER inserts at sentence breaks.
+        vocabulary = sorted(set(self.haystack))
+        pieces = tokenizer.batch_decode([[i] for i in vocabulary])
+        self._ends_sentence = {i: any(mark in p for mark in ".!?\n") for i, p in zip(vocabulary, pieces)}
 
     def _frame(self, key: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the context (instruction; question and answer prefix)."""
@@ -94,7 +90,7 @@ class PromptBuilder:
             raise ValueError(f"length {length} leaves no room for a haystack (frame and needles take "
                              f"{length - budget} tokens)")
         haystack = self._haystack(budget)
-        ends = self._sentence_end_flags(min(budget, len(self.haystack)))
+        ends = [self._ends_sentence[i] for i in haystack]
         depths = [depth] + [rng.random() for _ in keys[1:]]
         places = [self._snap(round(d * budget), ends) for d in depths]
         # Insert from the back so earlier positions stay valid.

@@ -43,17 +43,18 @@ def _read_local(path: Path, text_column: str) -> list[dict]:
         import gzip
 
         opener = gzip.open if path.suffix == ".gz" else open
-        documents = []
         with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if text_column not in record:
-                    raise ValueError(f"{path}:{number} has no {text_column!r} field (found {sorted(record)}); "
-                                     "choose the field with --text_column")
-                documents.append({"title": str(record.get("title", f"{path.stem}:{number}")),
-                                  "text": record[text_column]})
+            content = handle.read()
+        if content.lstrip().startswith("["):  # a JSON array rather than JSON lines
+            records = enumerate(json.loads(content), 1)
+        else:
+            records = ((n, json.loads(line)) for n, line in enumerate(content.splitlines(), 1) if line.strip())
+        documents = []
+        for number, record in records:
+            if text_column not in record:
+                raise ValueError(f"{path}:{number} has no {text_column!r} field (found {sorted(record)}); "
+                                 "choose the field with --text_column")
+            documents.append({"title": str(record.get("title", f"{path.stem}:{number}")), "text": record[text_column]})
         return documents
     if suffixes == ".parquet":
         from datasets import load_dataset

@@ -48,9 +48,11 @@ def test_random_preset_shape_and_dtype():
         parse_dtype("int3")
 
 
-def test_load_documents_local_and_embedded(text_files):
+def test_load_documents_local_and_embedded(text_files, tmp_path):
     documents = load_documents([str(text_files / "play.txt"), str(text_files / "plays.jsonl")], text_column="body")
     assert len(documents) == 3 and documents[0]["title"] == "play"
     assert [d["title"] for d in load_documents()] == ["Hamlet", "Macbeth", "Tempest", "Twelfth Night"]
     with pytest.raises(ValueError, match="--text_column"):
         load_documents([str(text_files / "plays.jsonl")])
+    (tmp_path / "array.json").write_text('[{"text": "one"}, {"text": "two", "title": "t"}]', encoding="utf-8")
+    assert [d["title"] for d in load_documents([str(tmp_path / "array.json")])] == ["array:1", "t"]
