@@ -7,6 +7,10 @@ import warnings
 from pathlib import Path
 
 
+_KNOB_STYLES = {"density": {"marker": "o", "linestyle": "-"}, "threshold": {"marker": "s", "linestyle": ":"},
+                "coverage": {"marker": "^", "linestyle": "--"}}
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -35,10 +39,13 @@ def plot_ppl_vs_density(results: list[dict], path: str | Path) -> Path | None:
         series = {}
         for row in rows:
             if row["method"] != "dense" and row["density"] is not None:
-                series.setdefault(f"{row['method']} ({row['sparsity_method']})", []).append(row)
-        for name, points in series.items():
+                series.setdefault((row["method"], row["sparsity_method"]), []).append(row)
+        methods = list(dict.fromkeys(method for method, _ in series))
+        for (method, knob), points in series.items():
             points = sorted(points, key=lambda r: r["density"])
-            axis.plot([p["density"] for p in points], [p["ppl"] for p in points], marker="o", label=name)
+            # One colour per method, one line style per way of selecting (density, threshold, coverage).
+            axis.plot([p["density"] for p in points], [p["ppl"] for p in points], color=f"C{methods.index(method)}",
+                      **_KNOB_STYLES[knob], label=f"{method} by {knob}")
         axis.set_xlabel("achieved density (share of causal blocks computed)")
         axis.set_ylabel("perplexity")
         axis.set_title(f"{length} tokens")
@@ -60,7 +67,7 @@ def plot_retrieval_heatmaps(results: list[dict], path: str | Path) -> Path | Non
     rows_count = (len(panels) + columns - 1) // columns
     figure, axes = plt.subplots(rows_count, columns, figsize=(3.6 * columns + 1, 3.2 * rows_count), squeeze=False)
     image = None
-    for axis, (task, label) in zip(axes.flat, panels):
+    for index, (axis, (task, label)) in enumerate(zip(axes.flat, panels)):
         cells = [r for r in results if r["task"] == task and r["label"] == label]
         lengths = sorted({r["length"] for r in cells})
         depths = sorted({r["depth"] for r in cells})
@@ -69,8 +76,13 @@ def plot_retrieval_heatmaps(results: list[dict], path: str | Path) -> Path | Non
         image = axis.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
         axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
         axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        for row, values in enumerate(grid):
+            for column, value in enumerate(values):
+                if value == value:  # not NaN
+                    axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
         axis.set_xlabel("tokens")
-        axis.set_ylabel("needle depth")
+        if index % columns == 0:
+            axis.set_ylabel("needle depth")
         mean = sum(c["accuracy"] for c in cells) / len(cells)
         axis.set_title(f"{task}\n{label} (mean {mean:.2f})", fontsize=8)
     for axis in list(axes.flat)[len(panels):]:
