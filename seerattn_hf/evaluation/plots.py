@@ -102,13 +102,20 @@ def plot_prefill(results: list[dict], path: str | Path) -> Path | None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = list(dict.fromkeys(r["label"] for r in results))
     dense = {r["length"]: r["ttft_s"] for r in results if r["method"] == "dense"}
-    for label in labels:
+    for index, label in enumerate(labels):
         points = sorted((r for r in results if r["label"] == label), key=lambda r: r["length"])
         lengths = [p["length"] for p in points]
-        left.plot(lengths, [p["ttft_s"] for p in points], marker="o", label=label)
+        left.plot(lengths, [p["ttft_s"] for p in points], marker="o", color=f"C{index}", label=label)
         if label != "dense" and dense:
             speedups = [(p["length"], dense[p["length"]] / p["ttft_s"]) for p in points if p["length"] in dense]
-            right.plot([s[0] for s in speedups], [s[1] for s in speedups], marker="o", label=label)
+            right.plot([s[0] for s in speedups], [s[1] for s in speedups], marker="o", color=f"C{index}", label=label)
+    # The floor no sparsity can go below: the same prefill with attention replaced by a no-op.
+    floor = sorted({(r["length"], r["ttft_no_attention_s"]) for r in results if r.get("ttft_no_attention_s")})
+    if floor:
+        left.plot([f[0] for f in floor], [f[1] for f in floor], color="black", linestyle="--", label="no attention")
+        if dense:
+            right.plot([f[0] for f in floor if f[0] in dense], [dense[f[0]] / f[1] for f in floor if f[0] in dense],
+                       color="black", linestyle="--", label="bound (no attention)")
     for axis in (left, right):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("prompt tokens")
