@@ -12,7 +12,11 @@ import sys
 from .arguments import parse_arguments
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse `argv` (default: the command line) and train; returns the run summary.
+
+    Argument errors exit with a one-line message naming the flag, what it expects and what it got.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
@@ -22,6 +26,11 @@ def main(argv: list[str] | None = None) -> dict:
     from .distill import train
 
     return train(arguments)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: like `run`, with exit status 0 on success."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from training_helpers import tiny_run_args
 
-from seerattn_hf.training.cli import main
+from seerattn_hf.training.cli import run
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -38,7 +38,7 @@ def test_two_processes_keep_gates_in_sync(tiny_checkpoint, jsonl_corpus, tmp_pat
 
     # One process with batch 2 reads the same sequences per optimizer step.
     single = tmp_path / "single"
-    main(tiny_run_args(tiny_checkpoint, jsonl_corpus, single, per_device_train_batch_size=2, max_steps=3,
+    run(tiny_run_args(tiny_checkpoint, jsonl_corpus, single, per_device_train_batch_size=2, max_steps=3,
                        save_steps=0, eval_steps=0))
     distributed, reference = load_file(str(out / "seer_gates.safetensors")), load_file(str(single / "seer_gates.safetensors"))
     for key in reference:

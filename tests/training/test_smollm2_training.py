@@ -9,7 +9,7 @@ import pytest
 import torch
 from training_helpers import smollm2_folder
 
-from seerattn_hf.training.cli import main
+from seerattn_hf.training.cli import run
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def test_ten_steps_reduce_the_held_out_kl(tmp_path, one_thread):
             pytest.fail(message)
         pytest.skip(message)
     out = tmp_path / "smollm2"
-    summary = main(["--model_name_or_path", "embedded:smollm2-135m", "--output_dir", str(out), "--seq_len", "512",
+    summary = run(["--model_name_or_path", "embedded:smollm2-135m", "--output_dir", str(out), "--seq_len", "512",
                     "--max_steps", "10", "--warmup_steps", "2", "--learning_rate", "2e-3", "--eval_steps", "10",
                     "--save_steps", "0", "--eval_num_sequences", "2", "--report_to", "none"])
     evals = [json.loads(line)["eval"] for line in (out / "train_log.jsonl").read_text().splitlines()

@@ -12,7 +12,7 @@ from training_helpers import tiny_run_args
 import seerattn_hf as sa
 from seerattn_hf.training import distill
 from seerattn_hf.training.arguments import parse_arguments
-from seerattn_hf.training.cli import main
+from seerattn_hf.training.cli import main, run
 from seerattn_hf.training.distill import Trainer
 
 
@@ -42,7 +42,7 @@ def test_only_gates_train_and_base_weights_stay_bit_identical(tiny_checkpoint, j
 
 def test_killed_and_resumed_run_ends_with_the_same_gates(tiny_checkpoint, jsonl_corpus, tmp_path, monkeypatch):
     uninterrupted = tmp_path / "uninterrupted"
-    main(tiny_run_args(tiny_checkpoint, jsonl_corpus, uninterrupted))
+    run(tiny_run_args(tiny_checkpoint, jsonl_corpus, uninterrupted))
 
     # Kill the second run inside step 5 (2 micro-batches per step), after checkpoint-4 was written.
     real_loss, calls = distill.distillation_loss, {"n": 0}
@@ -56,12 +56,12 @@ def test_killed_and_resumed_run_ends_with_the_same_gates(tiny_checkpoint, jsonl_
     interrupted = tmp_path / "interrupted"
     monkeypatch.setattr(distill, "distillation_loss", failing_loss)
     with pytest.raises(RuntimeError, match="simulated preemption"):
-        main(tiny_run_args(tiny_checkpoint, jsonl_corpus, interrupted))
+        run(tiny_run_args(tiny_checkpoint, jsonl_corpus, interrupted))
     monkeypatch.setattr(distill, "distillation_loss", real_loss)
     assert (interrupted / "checkpoints" / "latest").read_text().strip() == "checkpoint-4"
     assert not (interrupted / "seer_gates.safetensors").exists()
 
-    summary = main(tiny_run_args(tiny_checkpoint, jsonl_corpus, interrupted, resume_from_checkpoint="latest"))
+    summary = run(tiny_run_args(tiny_checkpoint, jsonl_corpus, interrupted, resume_from_checkpoint="latest"))
     assert summary["step"] == 6
     expected, resumed = gate_file(uninterrupted), gate_file(interrupted)
     assert expected.keys() == resumed.keys()
@@ -77,7 +77,7 @@ def test_outputs_checkpoints_log_and_perplexity_report(tiny_checkpoint, jsonl_co
     from training_helpers import tiny_model
 
     out = tmp_path / "run"
-    summary = main(tiny_run_args(tiny_checkpoint, jsonl_corpus, out, max_steps=4, save_total_limit=1,
+    summary = run(tiny_run_args(tiny_checkpoint, jsonl_corpus, out, max_steps=4, save_total_limit=1,
                                  eval_after_training="true", threshold=0.05))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "latest"]
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -104,3 +104,10 @@ def test_outputs_checkpoints_log_and_perplexity_report(tiny_checkpoint, jsonl_co
     with pytest.raises(ValueError, match="other data settings"):
         Trainer(parse_arguments(tiny_run_args(tiny_checkpoint, jsonl_corpus, out, seq_len=64,
                                               resume_from_checkpoint="latest"))).train()
+
+
+def test_console_script_entry_returns_none_for_exit_status_zero(tiny_checkpoint, jsonl_corpus, tmp_path):
+    # The console script does `sys.exit(main())`: anything but None/0 would exit with status 1.
+    assert main(tiny_run_args(tiny_checkpoint, jsonl_corpus, tmp_path / "run", max_steps=1, eval_steps=0,
+                              save_steps=0)) is None
+    assert (tmp_path / "run" / "seer_gates.safetensors").is_file()
