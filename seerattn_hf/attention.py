@@ -107,6 +107,16 @@ def pooled_attention(query, key, value, block_size, scale, seq_offsets,
     return implementation(query, key, value, block_size, scale=scale, seq_offsets=seq_offsets)
 
 
+def same_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """q, k and v in one dtype for the kernels. They differ under autocast (RoPE promotes q and k to
+    the float32 of cos/sin while v stays in the autocast dtype); take the autocast dtype then."""
+    if query.dtype == key.dtype == value.dtype:
+        return query, key, value
+    device_type = query.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else value.dtype
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 def left_padding_offsets(attention_mask: torch.Tensor | None, batch: int,
                          kv_length: int) -> torch.Tensor | None:
     """Left-padding length of each sequence, read off the mask transformers built, or None.
@@ -181,6 +191,7 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
                                      dropout=dropout, **kwargs)
 
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    query, key, value = same_dtype(query, key, value)
     batch = query.shape[0]
     seq_offsets = left_padding_offsets(attention_mask, batch, key_length)
     row_valid = valid_block_rows(query_length, config.block_size, seq_offsets, batch, query.device)
