@@ -20,10 +20,9 @@ from .ops.block_sparse_attn import (
 )
 from .ops.pooled_attn import naive_pooled_attention, triton_pooled_attention
 from .selectors import (
-    block_density_counts,
-    mask_to_block_lists,
+    kept_block_counts,
     pooled_score_probs,
-    select_blocks,
+    select_block_lists,
     share_across_kv_group,
     streaming_scores,
 )
@@ -209,9 +208,8 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     probs = _block_probs(state, gate, query, key, value, scale, seq_offsets)
     if config.mask_sharing == "kv_group":
         probs = share_across_kv_group(probs, key.shape[1])
-    mask = select_blocks(config, probs, row_valid)
-    state.add_counts(*block_density_counts(mask, row_valid))
-    block_idx, block_count = mask_to_block_lists(mask)
+    block_idx, block_count = select_block_lists(config, probs, row_valid)
+    state.add_counts(*kept_block_counts(block_count, row_valid))
     output = block_sparse_attention(query, key, value, block_idx, block_count, config.block_size, scale,
                                     seq_offsets, config.backend)
     return output, None

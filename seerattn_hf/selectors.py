@@ -71,12 +71,7 @@ def select_blocks(config: SeerAttentionConfig, scores: torch.Tensor,
     if method == "threshold":
         keep = scores > config.threshold
     elif method == "density":
-        # Rank within each row, forced blocks first; keep ceil(density * causal blocks in the row).
-        # topk up to the largest budget costs far less than sorting whole rows at long context.
-        ranked = scores.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
-        budget = torch.ceil(config.density * torch.arange(1, blocks + 1, device=device, dtype=torch.float64)).long()
-        top = ranked.topk(int(budget[-1]), dim=-1, sorted=True).indices
-        within_budget = torch.arange(top.shape[-1], device=device)[None, :] < budget[:, None]
+        top, within_budget = _density_top(config, scores, causal, forced)
         keep = torch.zeros_like(causal).expand_as(scores).clone()
         keep.scatter_(-1, top, within_budget.expand_as(top))
     else:
@@ -93,6 +88,58 @@ def select_blocks(config: SeerAttentionConfig, scores: torch.Tensor,
         diagonal_only = torch.eye(blocks, dtype=torch.bool, device=device)
         keep = torch.where(row_valid[:, None, :, None], keep, diagonal_only)
     return keep
+
+
+def _density_top(config: SeerAttentionConfig, scores: torch.Tensor, causal: torch.Tensor,
+                 forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row top-k: the indices of each row's `ceil(density * (i + 1))` best causal blocks, forced
+    blocks first, as `top: [B, H, NB, K]` (K the largest budget) and `within_budget: [NB, K]`.
+
+    topk up to the largest budget costs far less than sorting whole rows at long context.
+    """
+    blocks = scores.shape[-1]
+    ranked = scores.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
+    rows = torch.arange(1, blocks + 1, device=scores.device, dtype=torch.float64)
+    # Forced blocks are kept even past the budget.
+    budget = torch.maximum(torch.ceil(config.density * rows).long(), forced.sum(dim=-1))
+    top = ranked.topk(int(budget.max()), dim=-1, sorted=True).indices
+    within_budget = torch.arange(top.shape[-1], device=scores.device)[None, :] < budget[:, None]
+    return top, within_budget
+
+
+def select_block_lists(config: SeerAttentionConfig, scores: torch.Tensor,
+                       row_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_blocks` followed by `mask_to_block_lists`, the same lists, computed more cheaply
+    where possible: per-row top-k yields the kept indices directly, with no `[B, H, NB, NB]` mask
+    to build and pack (at 128k tokens that mask has 134M entries per layer)."""
+    if config.sparsity_method != "density" or config.dense_last_query_block:
+        return mask_to_block_lists(select_blocks(config, scores, row_valid))
+    blocks = scores.shape[-1]
+    device = scores.device
+    causal = causal_block_mask(blocks, device)
+    top, within_budget = _density_top(config, scores, causal, forced_blocks(config, blocks, device))
+    block_idx = torch.where(within_budget, top, blocks).sort(dim=-1).values
+    block_count = within_budget.sum(dim=-1, dtype=torch.int32).expand(top.shape[:-1])
+    if row_valid is not None:
+        # Rows of padding keep just their diagonal block.
+        diagonal = torch.arange(blocks, device=device)[:, None].expand(blocks, top.shape[-1])
+        padding = ~row_valid[:, None, :, None]
+        block_idx = torch.where(padding, diagonal, block_idx)
+        block_count = torch.where(padding[..., 0], 1, block_count)
+    last = block_idx.gather(-1, (block_count.long() - 1).unsqueeze(-1))
+    block_idx = torch.where(block_idx == blocks, last, block_idx)
+    return block_idx.to(torch.int32).contiguous(), block_count.to(torch.int32).contiguous()
+
+
+def kept_block_counts(block_count: torch.Tensor, row_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept and causal block counts of the real rows, per head (two `[H]` tensors), from the lists'
+    `block_count: [B, H, NB]` (lists hold causal blocks only)."""
+    batch, heads, blocks = block_count.shape
+    rows = (torch.ones(batch, blocks, dtype=torch.bool, device=block_count.device) if row_valid is None
+            else row_valid)
+    kept = (block_count * rows[:, None, :]).sum(dim=(0, 2))
+    total = (rows * torch.arange(1, blocks + 1, device=block_count.device)).sum().expand(heads)
+    return kept, total
 
 
 def _dense_last_rows(keep: torch.Tensor, causal: torch.Tensor,
@@ -147,6 +194,7 @@ def share_across_kv_group(probs: torch.Tensor, num_kv_heads: int) -> torch.Tenso
 
 
 __all__ = [
-    "block_density_counts", "causal_block_mask", "forced_blocks", "mask_to_block_lists",
-    "num_blocks", "pooled_score_probs", "select_blocks", "share_across_kv_group", "streaming_scores",
+    "block_density_counts", "causal_block_mask", "forced_blocks", "kept_block_counts", "mask_to_block_lists",
+    "num_blocks", "pooled_score_probs", "select_block_lists", "select_blocks", "share_across_kv_group",
+    "streaming_scores",
 ]

@@ -1,12 +1,20 @@
 """Block selection from scores: threshold, density, coverage, forced blocks, packing into lists."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
 from seerattn_hf import SeerAttentionConfig
-from seerattn_hf.selectors import block_density_counts, mask_to_block_lists, select_blocks, streaming_scores
+from seerattn_hf.selectors import (
+    block_density_counts,
+    kept_block_counts,
+    mask_to_block_lists,
+    select_block_lists,
+    select_blocks,
+    streaming_scores,
+)
 
 
 def _random_probs(batch, heads, blocks):
@@ -100,3 +108,27 @@ def test_mask_to_block_lists_round_trip():
                 rebuilt[b, h, i, row] = True
     assert torch.equal(rebuilt, mask)
     assert int(block_idx.max()) < 13 and int(block_idx.min()) >= 0
+
+
+@pytest.mark.parametrize("config", [
+    SeerAttentionConfig(sparsity_method="density", density=0.3),
+    SeerAttentionConfig(sparsity_method="density", density=0.1, keep_first_blocks=1, keep_recent_blocks=2),
+    SeerAttentionConfig(sparsity_method="density", density=1.0),
+    SeerAttentionConfig(sparsity_method="density", density=0.5, dense_last_query_block=True),
+    SeerAttentionConfig(sparsity_method="threshold", threshold=0.05),
+    SeerAttentionConfig(sparsity_method="coverage", coverage=0.7),
+], ids=lambda c: f"{c.sparsity_method}-{c.density}-{c.keep_recent_blocks}-{c.dense_last_query_block}")
+def test_select_block_lists_equals_the_packed_mask(config):
+    probs = _random_probs(3, 2, 17)
+    row_valid = torch.ones(3, 17, dtype=torch.bool)
+    row_valid[1, 9:] = False
+    for valid in (None, row_valid):
+        mask = select_blocks(config, probs, valid)
+        expected_idx, expected_count = mask_to_block_lists(mask)
+        block_idx, block_count = select_block_lists(config, probs, valid)
+        assert torch.equal(block_count, expected_count)
+        for b, h, i in itertools.product(range(3), range(2), range(17)):
+            n = int(expected_count[b, h, i])
+            assert torch.equal(block_idx[b, h, i, :n], expected_idx[b, h, i, :n])
+        assert torch.equal(kept_block_counts(block_count, valid)[0], block_density_counts(mask, valid)[0])
+        assert torch.equal(kept_block_counts(block_count, valid)[1], block_density_counts(mask, valid)[1])
