@@ -114,6 +114,9 @@ class TrainArguments:
         "help": f"Accelerate trackers, from {list(REPORT_TO)}; 'auto' is TensorBoard when installed."})
     push_to_hub: str | None = field(default=None, metadata={
         "help": "Hub repo id to upload the final gate adapter to."})
+    cpu_threads: int = field(default=0, metadata={
+        "help": "torch.set_num_threads for runs on the CPU (0: torch's default). The distillation target and "
+                "the CPU sparse path run many small per-block ops: 1 avoids OpenMP stalls on a busy machine."})
     eval_after_training: bool = field(default=False, metadata={
         "help": "After training, print held-out perplexity dense vs sparse (eval_densities and threshold) "
                 "with the measured density, and write it to output_dir/perplexity.json."})
@@ -215,7 +218,7 @@ def validate(arguments: Arguments) -> None:
                  "max_steps", "logging_steps"):
         value = getattr(train, name)
         _check(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
-    for name in ("warmup_steps", "eval_steps", "save_steps"):
+    for name in ("warmup_steps", "eval_steps", "save_steps", "cpu_threads"):
         value = getattr(train, name)
         _check(isinstance(value, int) and value >= 0, name, "an integer >= 0", value)
     _check(train.save_total_limit is None or train.save_total_limit >= 1, "save_total_limit",

@@ -196,6 +196,8 @@ class Trainer:
                                        log_with=_tracker_names(train.report_to) or None,
                                        project_dir=str(self.output_dir))
         accelerator = self.accelerator
+        if accelerator.device.type == "cpu" and train.cpu_threads:
+            torch.set_num_threads(train.cpu_threads)
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.resume_path = (resolve_checkpoint(train.resume_from_checkpoint, train.output_dir)
