@@ -78,7 +78,10 @@ class GateArguments:
     k_pooling: list[str] = field(default_factory=lambda: ["max", "min", "avg"], metadata={
         "help": "Pooling of keys along the sequence (max, min, avg)."})
     threshold: float = field(default=2e-3, metadata={
-        "help": "Gate threshold for evaluation (recall and the density it yields) and stored in the adapter."})
+        "help": "Gate threshold stored in the adapter (its default sparse-prefill setting)."})
+    eval_thresholds: list[float] | None = field(default=None, metadata={
+        "help": "Thresholds at which recall, the density they yield and (after training) perplexity are "
+                "measured; default: [threshold]."})
     eval_densities: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.1], metadata={
         "help": "Block densities at which recall (and, after training, perplexity) is measured."})
 
@@ -231,6 +234,8 @@ def validate(arguments: Arguments) -> None:
            "a number in [0, 1)", train.skip_first_query_blocks_fraction)
     _check(all(0.0 < d <= 1.0 for d in gate.eval_densities), "eval_densities", "numbers in (0, 1]",
            gate.eval_densities)
+    _check(all(0.0 <= t < 1.0 for t in gate.eval_thresholds or []), "eval_thresholds", "numbers in [0, 1)",
+           gate.eval_thresholds)
     _check(set(train.report_to) <= set(REPORT_TO), "report_to", f"names from {list(REPORT_TO)}", train.report_to)
     # The gate fields are checked by SeerAttentionConfig itself.
     gate_config(arguments)

@@ -289,15 +289,19 @@ class Trainer:
         if not len(self.data.eval):
             return {}
         metrics = gate_quality(self.base, self.data.eval, arguments.train.per_device_eval_batch_size,
-                               arguments.gate.eval_densities, arguments.gate.threshold, forward=self.model)
+                               arguments.gate.eval_densities, self._eval_thresholds(), forward=self.model)
         self.log.write({"step": self.step, "eval": metrics})
         self.accelerator.log(_scalars("eval/", metrics), step=self.step)
         if self.accelerator.is_main_process:
             recalls = ", ".join(f"{k[len('recall@'):]}: {v:.3f}" for k, v in metrics.items() if k.startswith("recall@"))
-            density = metrics["density@threshold"]
-            logger.info("step %d eval: kl %.4f, recall %s (threshold density %s)", self.step, metrics["kl"], recalls,
-                        "n/a" if density is None else f"{density:.3f}")
+            densities = ", ".join(f"{k[len('density@'):]}: {v:.3f}" for k, v in metrics.items()
+                                  if k.startswith("density@") and v is not None)
+            logger.info("step %d eval: kl %.4f, recall %s; density %s", self.step, metrics["kl"], recalls, densities)
         return metrics
+
+    def _eval_thresholds(self) -> list[float]:
+        gate = self.arguments.gate
+        return [gate.threshold] if gate.eval_thresholds is None else gate.eval_thresholds
 
     def train(self) -> dict:
         from tqdm.auto import tqdm
@@ -397,7 +401,7 @@ class Trainer:
         if arguments.train.eval_after_training and len(self.data.eval):
             # Every rank runs it (FSDP forwards need all ranks); the main process reports.
             rows = sparse_perplexity_report(self.base, self.data.eval, arguments.gate.eval_densities,
-                                            arguments.gate.threshold, arguments.train.per_device_eval_batch_size,
+                                            self._eval_thresholds(), arguments.train.per_device_eval_batch_size,
                                             forward=self.model)
             summary["perplexity"] = rows
             if accelerator.is_main_process:

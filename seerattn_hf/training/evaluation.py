@@ -18,7 +18,7 @@ from .metrics import GateQuality
 
 
 @torch.no_grad()
-def gate_quality(model: nn.Module, sequences: torch.Tensor, batch_size: int, densities, threshold: float,
+def gate_quality(model: nn.Module, sequences: torch.Tensor, batch_size: int, densities, thresholds,
                  forward: nn.Module | None = None) -> dict:
     """`GateQuality` metrics of a patched model on `sequences` (`[N, T]` token ids).
 
@@ -27,7 +27,7 @@ def gate_quality(model: nn.Module, sequences: torch.Tensor, batch_size: int, den
     """
     forward = model if forward is None else forward
     set_attention_mode(model, "distill")
-    quality = GateQuality(model.seer_config, densities, threshold)
+    quality = GateQuality(model.seer_config, densities, thresholds)
     device = next(model.parameters()).device
     for chunk in sequences.split(batch_size):
         forward(input_ids=chunk.long().to(device), use_cache=False, logits_to_keep=1)
@@ -53,10 +53,10 @@ def perplexity(model: nn.Module, sequences: torch.Tensor, batch_size: int = 1) -
 
 
 @torch.no_grad()
-def sparse_perplexity_report(model: nn.Module, sequences: torch.Tensor, densities, threshold: float,
+def sparse_perplexity_report(model: nn.Module, sequences: torch.Tensor, densities, thresholds,
                              batch_size: int = 1, forward: nn.Module | None = None) -> list[dict]:
-    """Perplexity with dense attention, then with gate-selected sparse attention at each density and at
-    `threshold`, with the block density actually computed. Rows: `{"setting", "perplexity", "density"}`.
+    """Perplexity with dense attention, then with gate-selected sparse attention at each density and
+    each threshold, with the block density actually computed. Rows: `{"setting", "perplexity", "density"}`.
 
     `forward` is the module to call (an accelerate-prepared wrapper of `model`), default `model`.
     The model's sparsity settings are restored and it is left in distillation mode.
@@ -68,7 +68,7 @@ def sparse_perplexity_report(model: nn.Module, sequences: torch.Tensor, densitie
     rows.append({"setting": "dense", "perplexity": perplexity(forward, sequences, batch_size), "density": 1.0})
     set_attention_mode(model, "sparse")
     settings = [(f"density={d:g}", {"sparsity_method": "density", "density": float(d)}) for d in densities]
-    settings.append((f"threshold={threshold:g}", {"sparsity_method": "threshold", "threshold": threshold}))
+    settings += [(f"threshold={t:g}", {"sparsity_method": "threshold", "threshold": float(t)}) for t in thresholds]
     for name, changes in settings:
         update_sparsity_config(model, **changes)
         reset_sparsity_stats(model)

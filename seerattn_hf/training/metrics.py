@@ -65,25 +65,33 @@ def mask_density(mask: torch.Tensor, row_valid: torch.Tensor) -> tuple[int, int]
     return int(kept.sum()), int(causal.sum())
 
 
-class GateQuality:
-    """Accumulates KL, recall at fixed densities and at a threshold, over layers and batches.
+def causal_block_count(row_valid: torch.Tensor, heads: int) -> int:
+    """Causal blocks of the valid rows over `heads` heads (row i of a sequence has i + 1)."""
+    per_row = torch.arange(1, row_valid.shape[-1] + 1, device=row_valid.device)
+    return heads * int((row_valid * per_row).sum())
 
-    `add(records)` after each distillation forward; `result()` gives
-    `{"kl", "kl_per_layer", "recall@density=d", "recall@threshold", "density@threshold"}`, where
-    recall is the share of the target's pooled mass that falls in the blocks the gate keeps.
-    Rows: every valid query block (no rows left out, unlike the training loss).
+
+class GateQuality:
+    """Accumulates KL and recall at fixed densities and at thresholds, over layers and batches.
+
+    `add(records)` after each distillation forward; `result()` gives `{"kl", "kl_per_layer",
+    "recall@density=d", "recall@threshold=t", "density@threshold=t"}`, where recall is the share of the
+    target's pooled mass that falls in the blocks the gate keeps and `density@threshold=t` the share of
+    causal blocks a threshold keeps. Rows: every valid query block (none left out, unlike the loss).
     """
 
-    def __init__(self, config: SeerAttentionConfig, densities=(0.5, 0.3, 0.1), threshold: float | None = None):
+    def __init__(self, config: SeerAttentionConfig, densities=(0.5, 0.3, 0.1), thresholds=None):
+        thresholds = [config.threshold] if thresholds is None else thresholds
         self.selectors = {f"density={d:g}": config.replace(sparsity_method="density", density=float(d))
                           for d in densities}
-        self.selectors["threshold"] = config.replace(
-            sparsity_method="threshold", threshold=config.threshold if threshold is None else threshold)
+        self.selectors.update({f"threshold={t:g}": config.replace(sparsity_method="threshold", threshold=float(t))
+                               for t in thresholds})
         self.kl_sum: dict[int, float] = {}
         self.kl_count: dict[int, int] = {}
         self.recall_sum = {name: 0.0 for name in self.selectors}
         self.recall_count = 0
-        self.kept = self.causal = 0
+        self.kept = {name: 0 for name in self.selectors if name.startswith("threshold")}
+        self.causal = 0
 
     @torch.no_grad()
     def add(self, records) -> None:
@@ -96,9 +104,9 @@ class GateQuality:
             for name, config in self.selectors.items():
                 mask = select_blocks(config, probs, record.row_valid)
                 self.recall_sum[name] += float(block_recall(record.target, mask, record.row_valid))
-                if name == "threshold":
-                    kept, causal = mask_density(mask, record.row_valid)
-                    self.kept, self.causal = self.kept + kept, self.causal + causal
+                if name in self.kept:
+                    self.kept[name] += mask_density(mask, record.row_valid)[0]
+            self.causal += causal_block_count(record.row_valid, record.target.shape[1])
             self.recall_count += 1
 
     def result(self) -> dict:
@@ -108,5 +116,6 @@ class GateQuality:
         values = {"kl": sum(per_layer.values()) / len(per_layer), "kl_per_layer": per_layer}
         for name, total in self.recall_sum.items():
             values[f"recall@{name}"] = total / self.recall_count
-        values["density@threshold"] = self.kept / self.causal if self.causal else None
+        for name, kept in self.kept.items():
+            values[f"density@{name}"] = kept / self.causal if self.causal else None
         return values

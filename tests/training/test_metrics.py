@@ -88,5 +88,20 @@ def test_gate_quality_of_a_perfect_gate():
     result = quality.result()
     assert result["kl"] == pytest.approx(0.0, abs=1e-6)
     assert result["recall@density=1"] == pytest.approx(1.0)
-    assert result["recall@threshold"] == pytest.approx(1.0) and result["density@threshold"] == pytest.approx(1.0)
+    assert result["recall@threshold=0"] == pytest.approx(1.0) and result["density@threshold=0"] == pytest.approx(1.0)
     assert 0.5 < result["recall@density=0.5"] < 1.0
+
+
+def test_density_at_thresholds_by_hand():
+    # Gate row probabilities [1], [0.7, 0.3], [0.5, 0.3, 0.2]; the diagonal is always kept:
+    # threshold 0.4 keeps 1 + 2 + 2 of the 6 causal blocks, threshold 0.6 keeps 1 + 2 + 1.
+    gate = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.5, 0.3, 0.2]])[None, None]
+    log_gate = gate.log().masked_fill(torch.ones(3, 3, dtype=torch.bool).triu(1), NEG_INF)
+    target, _ = hand_example()
+    quality = GateQuality(SeerAttentionConfig(block_size=16), densities=(), thresholds=[0.4, 0.6])
+    quality.add([DistillRecord(0, target, log_gate, torch.ones(1, 3, dtype=torch.bool))])
+    result = quality.result()
+    assert result["density@threshold=0.4"] == pytest.approx(5 / 6)
+    assert result["density@threshold=0.6"] == pytest.approx(4 / 6)
+    # recall at 0.6: rows keep {0}, {0, 1}, {2} -> target mass 1, 1, 0.5
+    assert result["recall@threshold=0.6"] == pytest.approx((1 + 1 + 0.5) / 3)

@@ -79,6 +79,7 @@ def test_outputs_checkpoints_log_and_perplexity_report(tiny_checkpoint, jsonl_co
     out = tmp_path / "run"
     summary = run(tiny_run_args(tiny_checkpoint, jsonl_corpus, out, max_steps=4, save_total_limit=1,
                                  eval_after_training="true", threshold=0.05))
+    # (eval_thresholds defaults to [threshold])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "latest"]
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
@@ -87,8 +88,8 @@ def test_outputs_checkpoints_log_and_perplexity_report(tiny_checkpoint, jsonl_co
     assert len(train_records[0]["kl_per_layer"]) == 2
     evals = [r for r in records if "eval" in r]
     assert [r["step"] for r in evals] == [0, 3, 4]
-    assert {"kl", "recall@density=0.5", "recall@density=0.3", "recall@density=0.1", "recall@threshold",
-            "density@threshold"} <= set(evals[-1]["eval"])
+    assert {"kl", "recall@density=0.5", "recall@density=0.3", "recall@density=0.1", "recall@threshold=0.05",
+            "density@threshold=0.05"} <= set(evals[-1]["eval"])
 
     rows = summary["perplexity"]
     assert [row["setting"] for row in rows] == ["dense", "density=0.5", "density=0.3", "density=0.1",
