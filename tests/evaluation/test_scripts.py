@@ -39,13 +39,13 @@ def test_eval_ppl(tiny_checkpoint, text_files, tmp_path):
 
     summary = ppl_main(["--model", str(tiny_checkpoint), "--data_files", str(text_files / "plays.jsonl"),
                         "--text_column", "body", "--lengths", "96", "160", "--block_size", "16",
-                        "--methods", "dense", "oracle", "pooled_score", "--densities", "1.0", "0.3",
-                        "--thresholds", "0.05", "--output", str(tmp_path)])
+                        "--methods", "dense", "oracle", "streaming", "--densities", "1.0", "0.3",
+                        "--output", str(tmp_path)])
     assert (tmp_path / "ppl_vs_density.png").is_file()
     stored = _read(tmp_path)
     assert stored["results"] == json.loads(json.dumps(summary["results"]))
     rows = {(r["length"], r["label"]): r for r in stored["results"]}
-    assert len(rows) == 2 * 7  # lengths x (dense + 2 selectors x 3 values)
+    assert len(rows) == 2 * 5  # lengths x (dense + 2 selectors x 2 densities)
     for length in (96, 160):
         dense = rows[(length, "dense")]
         assert dense["num_documents"] == 2 and dense["num_tokens"] == 2 * (length - 1)
@@ -115,8 +115,10 @@ def test_eval_ppl_with_a_gate_adapter(tiny_checkpoint, text_files, tmp_path):
     sa.save_gates(model, tmp_path / "gates")
     summary = ppl_main(["--model", str(tiny_checkpoint), "--gates", str(tmp_path / "gates"),
                         "--data_files", str(text_files / "play.txt"), "--lengths", "128",
-                        "--methods", "dense", "gate", "--densities", "0.3", "--coverages", "0.5",
+                        "--methods", "dense", "gate", "pooled_score", "--densities", "0.3", "--coverages", "0.5",
+                        "--thresholds", "0.05",
                         "--output", str(tmp_path / "out")])
     assert summary["seer_config"]["block_size"] == 16  # from the adapter, not --block_size
     rows = {r["label"]: r for r in summary["results"]}
     assert rows["gate d=0.3"]["density"] < 0.6 and rows["gate p=0.5"]["density"] < 1.0
+    assert len(rows) == 1 + 2 * 3 and 0.0 < rows["pooled_score t=0.05"]["density"] <= 1.0
