@@ -122,3 +122,13 @@ def test_eval_ppl_with_a_gate_adapter(tiny_checkpoint, text_files, tmp_path):
     rows = {r["label"]: r for r in summary["results"]}
     assert rows["gate d=0.3"]["density"] < 0.6 and rows["gate p=0.5"]["density"] < 1.0
     assert len(rows) == 1 + 2 * 3 and 0.0 < rows["pooled_score t=0.05"]["density"] <= 1.0
+
+
+def test_render_redraws_a_finished_run(tmp_path):
+    from seerattn_hf.evaluation.render import render
+
+    prefill_main(["--config_preset", "tiny-llama", "--num_layers", "1", "--lengths", "64", "--block_size", "16",
+                  "--warmup", "0", "--repeats", "1", "--densities", "0.5", "--output", str(tmp_path)])
+    (tmp_path / "prefill.png").unlink()
+    (tmp_path / "results.md").unlink()
+    assert sorted(p.name for p in render(tmp_path)) == ["prefill.png", "results.md"]
