@@ -79,6 +79,17 @@ def test_local_files_of_each_kind(tmp_path, kind):
         assert len(load_documents(data, "train")) == 12
 
 
+def test_streamed_files_and_a_wrong_column_when_streaming(tmp_path):
+    files, column = _write_files(tmp_path, "jsonl", random_documents(12, seed=2, words=40))
+    data = DataArguments(data_files=files, text_column=column, seq_len=64, eval_num_sequences=1, streaming=True,
+                         shuffle_buffer_size=4)
+    packed = prepare_packed_data(data, character_tokenizer(), num_train_sequences=3, seed=0)
+    assert packed.train.shape == (3, 64) and packed.eval.shape == (1, 64)
+    data.text_column = "body"
+    with pytest.raises(ValueError, match=r"no column 'body'; its columns are \['content'\]"):
+        prepare_packed_data(data, character_tokenizer(), 1, seed=0)
+
+
 def test_missing_files_wrong_kind_and_wrong_column(tmp_path):
     with pytest.raises(FileNotFoundError, match="no file matches"):
         expand_data_files([str(tmp_path / "missing-*.jsonl")])
