@@ -358,10 +358,12 @@ class Trainer:
                                 step=self.step)
                 window_start, window_steps = time.perf_counter(), 0
             last = self.step >= train.max_steps
+            pause = time.perf_counter()
             if len(self.data.eval) and (last or (train.eval_steps and self.step % train.eval_steps == 0)):
                 final_eval = self.evaluate()
             if train.save_steps and self.step % train.save_steps == 0:
                 self.save_checkpoint()
+            window_start += time.perf_counter() - pause  # tokens/s counts training time only
             if last:
                 break
         progress.close()
