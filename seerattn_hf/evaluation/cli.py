@@ -33,12 +33,16 @@ def _add_sparsity_arguments(parser: argparse.ArgumentParser, methods: list[str],
                        help="dense; gate (trained gates); oracle (true block-max-pooled attention map); "
                             "pooled_score (mean-pooled q.k, training free); streaming (first + recent blocks, "
                             "densities only). Default: %(default)s")
-    group.add_argument("--densities", nargs="*", type=float, default=list(densities),
-                       help="per-row top-k shares of causal blocks (default %(default)s)")
-    group.add_argument("--thresholds", nargs="*", type=float, default=list(thresholds),
-                       help="keep blocks whose probability exceeds t (default %(default)s)")
-    group.add_argument("--coverages", nargs="*", type=float, default=list(coverages),
-                       help="keep per row the fewest blocks holding a share p of the probability (default %(default)s)")
+    # The defaults apply only when none of the three is given: `--coverages 0.9` alone means coverage only.
+    parser.set_defaults(default_knobs={"densities": list(densities), "thresholds": list(thresholds),
+                                       "coverages": list(coverages)})
+    group.add_argument("--densities", nargs="*", type=float, default=None,
+                       help=f"per-row top-k shares of causal blocks (default {list(densities)})")
+    group.add_argument("--thresholds", nargs="*", type=float, default=None,
+                       help=f"keep blocks whose probability exceeds t (default {list(thresholds)})")
+    group.add_argument("--coverages", nargs="*", type=float, default=None,
+                       help="keep per row the fewest blocks holding a share p of the probability "
+                            f"(default {list(coverages)})")
     group.add_argument("--block_size", type=int, default=64, help="block size for untrained gates (trained gates fix it)")
     group.add_argument("--keep_first_blocks", type=int, default=0, help="blocks always kept at the start")
     group.add_argument("--keep_recent_blocks", type=int, default=0, help="blocks always kept before the diagonal")
@@ -49,6 +53,11 @@ def _add_sparsity_arguments(parser: argparse.ArgumentParser, methods: list[str],
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    knobs = ("densities", "thresholds", "coverages")
+    given = any(getattr(args, knob) is not None for knob in knobs)
+    for knob in knobs:
+        if getattr(args, knob) is None:
+            setattr(args, knob, [] if given else args.default_knobs[knob])
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return args

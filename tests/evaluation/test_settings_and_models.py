@@ -56,3 +56,12 @@ def test_load_documents_local_and_embedded(text_files, tmp_path):
         load_documents([str(text_files / "plays.jsonl")])
     (tmp_path / "array.json").write_text('[{"text": "one"}, {"text": "two", "title": "t"}]', encoding="utf-8")
     assert [d["title"] for d in load_documents([str(tmp_path / "array.json")])] == ["array:1", "t"]
+
+
+def test_default_knobs_apply_only_when_none_is_given():
+    from seerattn_hf.evaluation.cli import _parse, ppl_parser
+
+    args = _parse(ppl_parser(), ["--output", "x"])
+    assert (args.densities, args.thresholds, args.coverages) == ([0.5, 0.3, 0.2, 0.1], [], [])
+    args = _parse(ppl_parser(), ["--output", "x", "--coverages", "0.9"])
+    assert (args.densities, args.thresholds, args.coverages) == ([], [], [0.9])
