@@ -6,7 +6,13 @@ import os
 
 import pytest
 import torch
-from model_factory import SMOLLM2_GGUF, smollm2_folder
+
+if not torch.cuda.is_available():
+    # Kernels run through Triton's interpreter on the CPU. This must be set before anything imports
+    # triton (transformers does, at import), so here: the root conftest is imported first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from model_factory import SMOLLM2_GGUF, smollm2_folder  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

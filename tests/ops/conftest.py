@@ -3,14 +3,10 @@ Helpers (mask lists, the float64 dense reference, relative RMS error) live in at
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # must precede the first import of the kernel modules (they are imported lazily, on first call)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET is set by the root tests/conftest.py (it must precede any import of triton).
 
 
 @pytest.fixture
