@@ -176,19 +176,17 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     query: `[B, HQ, T, D]` post-RoPE; key/value: `[B, HKV, S, D]`. Returns (`[B, T, HQ, D]`, None).
     """
     state: SeerLayerState | None = getattr(module, "seer_state", None)
-    if state is None:
-        # A layer left without a gate (SeerAttentionConfig.layers) keeps the model's own attention.
+    query_length, key_length = query.shape[2], key.shape[2]
+    prefill = query_length == key_length
+    if state is None or state.mode == "dense" or not prefill or query_length < state.config.min_sparse_length:
+        # Layers left without a gate (SeerAttentionConfig.layers), dense mode, decoding steps and
+        # prompts continued from a cache run the model's own attention.
+        if state is not None:
+            state.take_captured()
         return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
                                            dropout=dropout, **kwargs)
-    config = state.config
-    query_length, key_length = query.shape[2], key.shape[2]
-    prefill = query_length == key_length and query_length >= max(config.min_sparse_length, 1)
-    if state.mode == "dense" or not prefill:
-        # Decoding steps and prompts continued from a cache run dense over the KV cache.
-        state.take_captured()
-        return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
-                                     dropout=dropout, **kwargs)
 
+    config = state.config
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     query, key, value = same_dtype(query, key, value)
     batch = query.shape[0]

@@ -296,3 +296,15 @@ def test_gate_rope_follows_the_model_rope_type():
     assert inv_freq[0].item() == pytest.approx(plain[0].item())
     assert inv_freq[-1].item() == pytest.approx(plain[-1].item() / 8.0, rel=1e-5), "llama3 scaling divides low frequencies"
     assert math.isclose(model.model.layers[0].self_attn.seer_gate.rope_scaling, 1.0)
+
+
+def test_prompts_shorter_than_min_sparse_length_run_dense():
+    model = tiny_model("llama")
+    short, long = torch.randint(0, 96, (1, 40)), torch.randint(0, 96, (1, 70))
+    reference = _logits(model, short)
+    sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=16, sparsity_method="density", density=0.2,
+                                                         min_sparse_length=64))
+    assert torch.equal(_logits(model, short), reference)
+    assert sa.get_sparsity_stats(model)["density"] is None
+    _logits(model, long)
+    assert sa.get_sparsity_stats(model)["density"] < 1.0
