@@ -55,17 +55,19 @@ def naive_block_sparse_attention(
             q0 = off + i * block_size
             q1 = min(q0 + block_size, T)
             t = torch.arange(q0, q1, device=dev)
-            kept = torch.arange(idx.shape[-1], device=dev) < cnt[..., i, None]  # [HKV, g, K]
-            pos = off + idx[..., i, :, None].clamp(0, T) * block_size + offs  # [HKV, g, K, bs]
+            # Only as many list slots as this row's longest list: work follows the kept blocks.
+            width = int(cnt[..., i].max())
+            kept = torch.arange(width, device=dev) < cnt[..., i, None]  # [HKV, g, K]
+            pos = off + idx[..., i, :width, None].clamp(0, T) * block_size + offs  # [HKV, g, K, bs]
             valid = (kept[..., None] & (pos < T)).flatten(-2)  # [HKV, g, L]
             pos = pos.flatten(-2).clamp(max=T - 1)
             kk, vv = kb[heads, pos], vb[heads, pos]  # [HKV, g, L, D]
             s = torch.matmul(qb[:, :, q0:q1], kk.transpose(-1, -2)) * scale  # [HKV, G, m, L]
             allowed = valid[..., None, :] & (pos[..., None, :] <= t[:, None])
             s = s.masked_fill(~allowed, float("-inf"))
-            row_lse = torch.logsumexp(s, dim=-1)
-            p = torch.exp(s - row_lse[..., None]).nan_to_num(0.0)  # rows keeping nothing -> 0
+            if return_lse:
+                lse[b, :, :, q0:q1] = torch.logsumexp(s, dim=-1)
+            p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows keeping nothing -> 0
             o[b, :, :, q0:q1] = torch.matmul(p, vv)
-            lse[b, :, :, q0:q1] = row_lse
     o = o.reshape(B, HQ, T, D).transpose(1, 2).to(q.dtype)
     return (o, lse.reshape(B, HQ, T)) if return_lse else o
