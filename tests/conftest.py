@@ -25,6 +25,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    # The CPU references run many small per-block ops; with two OpenMP threads on a busy 2-core
+    # machine each op can wait for a descheduled thread (measured 10-50x slower than one thread).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _seed(request):
     # A different seed per test (stable across runs): inputs are random, never the same fixed tensor.
     torch.manual_seed(hash(request.node.nodeid) % (2**31))

@@ -6,20 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from model_factory import tiny_model  # tests/ is on sys.path
 
 from seerattn_hf.data import load_default_corpus
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tests run many small ops; on a small shared machine, OpenMP threads waiting on a busy core
-    # made them 10 to 30 times slower than one thread (measured on the 2-core CI machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def bpe_tokenizer(texts: list[str], vocab_size: int = 1024):
