@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CONFIG_NAME, SeerAttentionConfig
+from .embedded import resolve_model_path
 from .patching import (
     apply_seer_attention,
     is_patched,
@@ -160,7 +161,9 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
             raise ValueError(f"{folder / CONFIG_NAME} names no base model; pass model=")
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, **(model_kwargs or {}))
+        path, gguf_file = resolve_model_path(config.base_model_name_or_path)
+        model_kwargs = {**({"gguf_file": gguf_file} if gguf_file else {}), **(model_kwargs or {})}
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     _check_layout(model, layout, folder)
     if is_patched(model):
         raise ValueError("the model already has SeerAttention gates; call remove_seer_attention first")

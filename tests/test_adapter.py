@@ -66,6 +66,18 @@ def test_base_model_is_loaded_from_the_config_when_no_model_is_given(tmp_path, m
     assert sa.get_sparsity_stats(model)["density"] is None
 
 
+def test_embedded_base_model_name_resolves_to_its_gguf(tmp_path, monkeypatch):
+    model = _patched()
+    model.seer_config.base_model_name_or_path = "embedded:smollm2-135m"
+    folder = sa.save_gates(model, tmp_path)
+    calls = []
+    monkeypatch.setattr("seerattn_hf.adapter.resolve_model_path", lambda name: ("/wheel/folder", "model.gguf"))
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda name, **kwargs: calls.append((name, kwargs)) or tiny_model("llama"))
+    sa.from_pretrained(folder)
+    assert calls == [("/wheel/folder", {"gguf_file": "model.gguf"})]
+
+
 def test_gates_for_another_model_fail_clearly(tmp_path):
     folder = sa.save_gates(_patched("llama"), tmp_path)
     with pytest.raises(ValueError, match="trained for another model.*model_type: gates 'llama', model 'qwen2'"):
