@@ -47,13 +47,17 @@ def model_layout(model: nn.Module) -> dict:
             "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim}
 
 
+def gate_tensors(attention: nn.Module) -> dict[str, torch.Tensor]:
+    """The gate tensors of one gated attention module, as they are (no copy), keyed as in the adapter
+    file: `layers.{i}.{q_weight|k_weight}`."""
+    return {f"layers.{attention.seer_state.layer_idx}.{name}": tensor
+            for name, tensor in attention.seer_gate.state_dict().items()}
+
+
 def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Gate tensors keyed `layers.{i}.{q_weight|k_weight}`."""
-    state = {}
-    for attention in patched_attention_modules(model):
-        for name, tensor in attention.seer_gate.state_dict().items():
-            state[f"layers.{attention.seer_state.layer_idx}.{name}"] = tensor.detach().float().cpu().contiguous()
-    return state
+    """Gate tensors keyed `layers.{i}.{q_weight|k_weight}`, float32 on the CPU."""
+    return {key: tensor.detach().float().cpu().contiguous()
+            for attention in patched_attention_modules(model) for key, tensor in gate_tensors(attention).items()}
 
 
 def _model_card(config: SeerAttentionConfig, layout: dict) -> str:
@@ -69,11 +73,13 @@ def _model_card(config: SeerAttentionConfig, layout: dict) -> str:
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
-def save_gates(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_gates(model: nn.Module, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the gate adapter of a patched model to folder `path` (created if needed).
 
     Files: `seer_gates.safetensors`, `seer_config.json` (the SeerAttentionConfig, the library version
     and the base model's layout) and a `README.md` model card. Each file is written atomically.
+    `state_dict` (keyed as `gate_state_dict`) replaces the model's own gate tensors, for a model whose
+    parameters are sharded (FSDP) and were gathered elsewhere.
     """
     require_patched(model)
     folder = Path(path)
@@ -81,7 +87,8 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> Path:
     config, layout = model.seer_config, model_layout(model)
     layers = [attention.seer_state.layer_idx for attention in patched_attention_modules(model)]
     with atomic_path(folder / WEIGHTS_NAME) as temporary:
-        save_file(gate_state_dict(model), temporary, metadata={"format": "pt", "library": LIBRARY_NAME})
+        save_file(gate_state_dict(model) if state_dict is None else state_dict, temporary,
+                  metadata={"format": "pt", "library": LIBRARY_NAME})
     config.replace(layers=layers).save_json(folder / CONFIG_NAME,
                                             extra={"library_version": _library_version(), "base_model_layout": layout})
     atomic_write_text(folder / "README.md", _model_card(config, layout))
@@ -124,9 +131,8 @@ def load_gate_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     if not weights_path.is_file():
         raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}")
     loaded = load_file(str(weights_path))
-    expected = {f"layers.{attention.seer_state.layer_idx}.{name}": tensor
-                for attention in patched_attention_modules(model)
-                for name, tensor in attention.seer_gate.state_dict().items()}
+    expected = {key: tensor for attention in patched_attention_modules(model)
+                for key, tensor in gate_tensors(attention).items()}
     missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match the gated layers: missing {missing[:8]}"
@@ -177,13 +183,15 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
 
 
 def push_gates_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                      revision: str | None = None, commit_message: str = "Upload SeerAttention gates") -> str:
-    """Save the gate adapter to a temporary folder and upload it to Hub repo `repo_id`; returns the commit URL."""
+                      revision: str | None = None, commit_message: str = "Upload SeerAttention gates",
+                      state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """Save the gate adapter to a temporary folder and upload it to Hub repo `repo_id`; returns the commit URL.
+    `state_dict` as in `save_gates`."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as folder:
-        save_gates(model, folder)
+        save_gates(model, folder, state_dict)
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                    commit_message=commit_message)

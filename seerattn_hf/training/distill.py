@@ -9,6 +9,11 @@ Run folder (`output_dir`):
     train_log.jsonl                                       one JSON object per logged step / evaluation
     checkpoints/checkpoint-<step>/, checkpoints/latest     resumable state, `latest` names the newest
     perplexity.json                                       with `eval_after_training`
+
+A checkpoint holds what the run changes and nothing of the frozen base model, in the same form
+whether or not the model is sharded: `gates/` (the adapter), `gate_optimizer.pt` (the optimizer state of
+the gates, full tensors keyed by parameter name), `trainer_state.json` (step, data position) and
+accelerate's files for the scheduler, the RNG states of every process and the grad scaler.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .arguments import Arguments, gate_config
 from .data import PackedSequences, epoch_order, prepare_packed_data
 from .evaluation import format_perplexity_report, gate_quality, sparse_perplexity_report
 from .metrics import distillation_loss
+from .sharding import full_gate_state
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 GATES = "gates"
+OPTIMIZER = "gate_optimizer.pt"
 LOG_FILE = "train_log.jsonl"
 
 
@@ -134,9 +141,10 @@ def resolve_checkpoint(spec: str, output_dir: str) -> Path:
         path = checkpoint_root(output_dir) / pointer.read_text(encoding="utf-8").strip()
     else:
         path = Path(spec)
-    if not (path / TRAINER_STATE).is_file() or not (path / GATES).is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a checkpoint (expected {TRAINER_STATE} "
-                                f"and {GATES}/ written by this trainer)")
+    missing = [name for name in (TRAINER_STATE, GATES, OPTIMIZER) if not (path / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a checkpoint of this trainer (expected "
+                                f"{TRAINER_STATE}, {GATES}/ and {OPTIMIZER}; missing {missing})")
     return path
 
 
@@ -183,8 +191,18 @@ class Trainer:
         self.resume_path = (resolve_checkpoint(train.resume_from_checkpoint, train.output_dir)
                             if train.resume_from_checkpoint else None)
         set_seed(train.seed)
+        self.fsdp_version = accelerator.state.fsdp_plugin.fsdp_version if self._is_fsdp() else None
+        if self.fsdp_version == 1:
+            # FSDP1 starts its backward pass from hooks on the root module's outputs; the distillation
+            # loss comes from the gates' records, not from the logits, so FSDP1 fails in backward
+            # ("expected to be in states [FORWARD_BACKWARD] but current state is IDLE").
+            raise ValueError("FSDP: expected fsdp_version 2 (fully_shard, configs/accelerate/fsdp.yaml), found "
+                             "fsdp_version 1, which cannot train gates whose loss does not flow through the logits")
         model, tokenizer = load_model_and_tokenizer(arguments, accelerator.mixed_precision, accelerator.device)
         add_gates(model, arguments)
+        if self.resume_path is not None:
+            # Before prepare: FSDP then shards the restored gates like fresh ones, no scatter needed.
+            load_gate_weights(model, self.resume_path / GATES)
 
         self.global_batch = (train.per_device_train_batch_size * train.gradient_accumulation_steps
                              * accelerator.num_processes)
@@ -196,20 +214,16 @@ class Trainer:
 
         from transformers import get_cosine_schedule_with_warmup
 
-        # The model is prepared first so that FSDP's parameters are the ones the optimizer holds.
-        self.model = accelerator.prepare(model)
+        # Model and optimizer are prepared together: FSDP2 replaces the parameters by sharded ones
+        # (DTensors) and accelerate then points the optimizer at those.
+        optimizer = torch.optim.AdamW(gate_parameters(model), lr=train.learning_rate, weight_decay=train.weight_decay,
+                                      betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
+        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
         self.base = accelerator.unwrap_model(self.model)
-        gates = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(gates, lr=train.learning_rate, weight_decay=train.weight_decay,
-                                           betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
-        self.optimizer, self.loader = accelerator.prepare(self.optimizer, loader)
         # Stepped once per optimizer step by the loop itself (not prepared: accelerate would step it
         # once per process).
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, train.warmup_steps, train.max_steps)
         accelerator.register_for_checkpointing(self.scheduler)
-        # Checkpoints hold the gates (save_gates), not the frozen base model accelerate would save.
-        accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
-        accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
 
         self.log = JsonLog(self.output_dir / LOG_FILE, accelerator.is_main_process)
         self.step = 0
@@ -226,10 +240,12 @@ class Trainer:
             shutil.rmtree(temporary, ignore_errors=True)
             root.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary))
-        accelerator.wait_for_everyone()
+        with self._without_model_and_optimizer():
+            accelerator.save_state(str(temporary))
         self._save_gates(temporary / GATES)
+        optimizer_state = self._optimizer_state_dict()
         if accelerator.is_main_process:
+            torch.save(optimizer_state, temporary / OPTIMIZER)
             state = {"step": self.step, "global_batch": self.global_batch, "seq_len": self.arguments.data.seq_len,
                      "micro_batches_per_process": self.step * train.gradient_accumulation_steps,
                      "num_processes": accelerator.num_processes}
@@ -257,10 +273,42 @@ class Trainer:
         if different:
             raise ValueError(f"{path} was written by a run with other data settings; (checkpoint, now): {different}. "
                              "Resume with the same seq_len and global batch (batch x accumulation x processes)")
-        self.accelerator.load_state(str(path))
-        if not self._is_fsdp():  # FSDP: accelerate restored the sharded model, gates included
-            load_gate_weights(self.base, path / GATES)
+        # The gates were loaded before prepare (__init__); the optimizer state is resharded like them.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # (The torch optimizer, not accelerate's wrapper: torch's helpers create missing state with one
+        # zero-gradient step, which the wrapper would skip.)
+        optimizer_state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, self.optimizer.optimizer, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True))
+        with self._without_model_and_optimizer():
+            self.accelerator.load_state(str(path))
         self.step = int(state["step"])
+
+    def _optimizer_state_dict(self) -> dict:
+        """The optimizer state of the gates as full tensors keyed by parameter name (the same for one
+        process, DDP, FSDP1 and FSDP2; under FSDP only the gates' state is gathered), complete on the
+        main process. Every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    @contextlib.contextmanager
+    def _without_model_and_optimizer(self):
+        """accelerate's save_state / load_state for the scheduler, RNG states and scaler only.
+
+        accelerate (1.x) always writes the prepared model and optimizer, and under FSDP it does so
+        through its own sharded path, frozen base weights included, with no option to leave them out
+        (a save-state pre-hook only sees the non-FSDP weights). The trainer writes the gates and their
+        optimizer state itself, so the two lists are hidden from accelerate for the call."""
+        accelerator = self.accelerator
+        models, optimizers = accelerator._models, accelerator._optimizers
+        accelerator._models, accelerator._optimizers = [], []
+        try:
+            yield
+        finally:
+            accelerator._models, accelerator._optimizers = models, optimizers
 
     # Loop --------------------------------------------------------------------------------------
 
@@ -360,26 +408,25 @@ class Trainer:
             return self.model.parameters()
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _save_gates(self, folder: Path) -> None:
-        """`save_gates` from the main process; under FSDP every rank first gathers the full parameters
-        (to the CPU of rank 0) since the gates are sharded with the base weights."""
-        gather = contextlib.nullcontext()
-        if self._is_fsdp():
-            from torch.distributed.fsdp import FullyShardedDataParallel
+    def gate_state(self) -> dict[str, torch.Tensor]:
+        """Every gate tensor (float32, CPU) on every rank; under FSDP only the gates are gathered
+        (sharding.py). Every rank must call it."""
+        return full_gate_state(self.model)
 
-            gather = FullyShardedDataParallel.summon_full_params(self.model, writeback=False, rank0_only=True,
-                                                                 offload_to_cpu=True)
-        with gather:
-            if self.accelerator.is_main_process:
-                save_gates(self.base, folder)
+    def _save_gates(self, folder: Path) -> None:
+        state = self.gate_state()
+        if self.accelerator.is_main_process:
+            save_gates(self.base, folder, state)
 
     def _finish(self, final_eval: dict) -> dict:
         accelerator, arguments = self.accelerator, self.arguments
         accelerator.wait_for_everyone()
         summary = {"step": self.step, "eval": final_eval, "output_dir": str(self.output_dir)}
-        self._save_gates(self.output_dir)
-        if accelerator.is_main_process and arguments.train.push_to_hub:
-            summary["hub_commit"] = push_gates_to_hub(self.base, arguments.train.push_to_hub)
+        gates = self.gate_state()
+        if accelerator.is_main_process:
+            save_gates(self.base, self.output_dir, gates)
+            if arguments.train.push_to_hub:
+                summary["hub_commit"] = push_gates_to_hub(self.base, arguments.train.push_to_hub, state_dict=gates)
         if arguments.train.eval_after_training and len(self.data.eval):
             # Every rank runs it (FSDP forwards need all ranks); the main process reports.
             rows = sparse_perplexity_report(self.base, self.data.eval, arguments.gate.eval_densities,

@@ -157,4 +157,4 @@ def test_accelerate_configs_load(name, kind):
     config = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))
     assert config.distributed_type.name == kind
     if kind == "FSDP":
-        assert config.fsdp_config["fsdp_use_orig_params"] is True
+        assert config.fsdp_config["fsdp_version"] == 2  # FSDP1 cannot train the gates (distill.py)
