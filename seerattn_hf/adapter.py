@@ -73,13 +73,11 @@ def _model_card(config: SeerAttentionConfig, layout: dict) -> str:
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
-def save_gates(model: nn.Module, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_gates(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the gate adapter of a patched model to folder `path` (created if needed).
 
     Files: `seer_gates.safetensors`, `seer_config.json` (the SeerAttentionConfig, the library version
     and the base model's layout) and a `README.md` model card. Each file is written atomically.
-    `state_dict` (keyed as `gate_state_dict`) replaces the model's own gate tensors, for a model whose
-    parameters are sharded (FSDP) and were gathered elsewhere.
     """
     require_patched(model)
     folder = Path(path)
@@ -87,8 +85,7 @@ def save_gates(model: nn.Module, path: str | os.PathLike, state_dict: dict[str, 
     config, layout = model.seer_config, model_layout(model)
     layers = [attention.seer_state.layer_idx for attention in patched_attention_modules(model)]
     with atomic_path(folder / WEIGHTS_NAME) as temporary:
-        save_file(gate_state_dict(model) if state_dict is None else state_dict, temporary,
-                  metadata={"format": "pt", "library": LIBRARY_NAME})
+        save_file(gate_state_dict(model), temporary, metadata={"format": "pt", "library": LIBRARY_NAME})
     config.replace(layers=layers).save_json(folder / CONFIG_NAME,
                                             extra={"library_version": _library_version(), "base_model_layout": layout})
     atomic_write_text(folder / "README.md", _model_card(config, layout))
@@ -183,15 +180,13 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
 
 
 def push_gates_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                      revision: str | None = None, commit_message: str = "Upload SeerAttention gates",
-                      state_dict: dict[str, torch.Tensor] | None = None) -> str:
-    """Save the gate adapter to a temporary folder and upload it to Hub repo `repo_id`; returns the commit URL.
-    `state_dict` as in `save_gates`."""
+                      revision: str | None = None, commit_message: str = "Upload SeerAttention gates") -> str:
+    """Save the gate adapter to a temporary folder and upload it to Hub repo `repo_id`; returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as folder:
-        save_gates(model, folder, state_dict)
+        save_gates(model, folder)
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                    commit_message=commit_message)

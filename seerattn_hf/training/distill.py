@@ -32,13 +32,13 @@ import torch
 
 from ..adapter import load_gate_weights, push_gates_to_hub, save_gates
 from ..embedded import resolve_model_path
-from ..patching import apply_seer_attention, gate_parameters, pop_distill_records, set_attention_mode
+from ..patching import (apply_seer_attention, gate_parameters, patched_attention_modules, pop_distill_records,
+                        set_attention_mode)
 from ..utils import atomic_write_text
 from .arguments import Arguments, gate_config
 from .data import PackedSequences, epoch_order, prepare_packed_data
 from .evaluation import format_perplexity_report, gate_quality, sparse_perplexity_report
 from .metrics import distillation_loss
-from .sharding import full_gate_state
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +214,15 @@ class Trainer:
 
         from transformers import get_cosine_schedule_with_warmup
 
-        # Model and optimizer are prepared together: FSDP2 replaces the parameters by sharded ones
-        # (DTensors) and accelerate then points the optimizer at those.
+        if self._is_fsdp():
+            # The gates stay out of FSDP's sharding: replicated, float32, their gradients averaged by
+            # `_average_gate_gradients`. Sharded with their decoder layer they would get no gradient:
+            # their loss leaves the layer through the distillation records, not the layer's outputs,
+            # so FSDP2's backward hooks (on module inputs and outputs) never reduce them.
+            accelerator.state.fsdp_plugin.ignored_modules = [attention.seer_gate
+                                                             for attention in patched_attention_modules(model)]
+        # Model and optimizer are prepared together: FSDP2 replaces the base parameters by sharded ones
+        # (DTensors) and accelerate then points the optimizer at the parameters it holds.
         optimizer = torch.optim.AdamW(gate_parameters(model), lr=train.learning_rate, weight_decay=train.weight_decay,
                                       betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
@@ -356,6 +363,8 @@ class Trainer:
                 loss, per_layer = distillation_loss(pop_distill_records(self.base), train.loss_scale,
                                                     train.skip_first_query_blocks_fraction)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and self._is_fsdp():
+                    self._average_gate_gradients()
                 if accelerator.sync_gradients and train.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(self._clip_parameters(), train.max_grad_norm)
                 self.optimizer.step()
@@ -403,30 +412,33 @@ class Trainer:
         return self.accelerator.distributed_type == DistributedType.FSDP
 
     def _clip_parameters(self):
-        # FSDP clips through its own method, which needs the prepared model's full parameter list.
-        if self._is_fsdp():
-            return self.model.parameters()
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def gate_state(self) -> dict[str, torch.Tensor]:
-        """Every gate tensor (float32, CPU) on every rank; under FSDP only the gates are gathered
-        (sharding.py). Every rank must call it."""
-        return full_gate_state(self.model)
+    def _average_gate_gradients(self) -> None:
+        """Under FSDP the gates are replicated, outside FSDP (see __init__): average their gradients
+        over the processes, as DDP would, in one all-reduce of a flat buffer."""
+        import torch.distributed as dist
+
+        gates = [p for p in gate_parameters(self.base) if p.grad is not None]
+        if not gates:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in gates])
+        dist.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        for p, grad in zip(gates, flat.split([p.numel() for p in gates])):
+            p.grad.copy_(grad.view_as(p.grad))
 
     def _save_gates(self, folder: Path) -> None:
-        state = self.gate_state()
-        if self.accelerator.is_main_process:
-            save_gates(self.base, folder, state)
+        if self.accelerator.is_main_process:  # gates are whole on every process, FSDP included
+            save_gates(self.base, folder)
 
     def _finish(self, final_eval: dict) -> dict:
         accelerator, arguments = self.accelerator, self.arguments
         accelerator.wait_for_everyone()
         summary = {"step": self.step, "eval": final_eval, "output_dir": str(self.output_dir)}
-        gates = self.gate_state()
-        if accelerator.is_main_process:
-            save_gates(self.base, self.output_dir, gates)
-            if arguments.train.push_to_hub:
-                summary["hub_commit"] = push_gates_to_hub(self.base, arguments.train.push_to_hub, state_dict=gates)
+        self._save_gates(self.output_dir)
+        if accelerator.is_main_process and arguments.train.push_to_hub:
+            summary["hub_commit"] = push_gates_to_hub(self.base, arguments.train.push_to_hub)
         if arguments.train.eval_after_training and len(self.data.eval):
             # Every rank runs it (FSDP forwards need all ranks); the main process reports.
             rows = sparse_perplexity_report(self.base, self.data.eval, arguments.gate.eval_densities,

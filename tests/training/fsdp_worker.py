@@ -38,9 +38,11 @@ def record(trainer) -> None:
     """Per-rank gate hashes and the gathered base weights, written just before the trainer's `_finish`
     (which ends the process group)."""
     from safetensors.torch import save_file
+
+    from seerattn_hf.adapter import gate_state_dict
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    gates = trainer.gate_state()
+    gates = gate_state_dict(trainer.base)
     digest = hashlib.sha256()
     for key in sorted(gates):
         digest.update(key.encode() + gates[key].numpy().tobytes())

@@ -140,7 +140,7 @@ def test_resume_without_checkpoint(tmp_path):
 def test_embedded_model_resolves_to_the_wheel_gguf():
     from training_helpers import smollm2_folder
 
-    with pytest.raises(ValueError, match="unknown embedded model .embedded:llama.; known: \[.embedded:smollm2-135m.\]"):
+    with pytest.raises(ValueError, match=r"unknown embedded model .embedded:llama.; known: \[.embedded:smollm2-135m.\]"):
         resolve_model_path("embedded:llama", None)
     assert resolve_model_path("org/model", None) == ("org/model", None)
     if smollm2_folder() is None:
