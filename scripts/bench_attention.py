@@ -83,11 +83,11 @@ SWEEP = {
     "bsa_kv_g2_w8": (True, dict(heads_per_tile=2, num_warps=8, num_stages=3)),
     "bsa_kv_g4_w8": (True, dict(heads_per_tile=4, num_warps=8, num_stages=3)),
 }
-# the pooled target, and its first pass alone (dense attention with lse)
+# the pooled target (one pass), and dense attention with lse alone (the sparse kernel in dense mode)
 TARGETS = {"target": {}}
 TARGET_SWEEP = {
-    "target_p2_g2": dict(heads_per_tile=2, num_warps=8),
-    "target_p2_g4_w4": dict(heads_per_tile=4, num_warps=4),
+    "target_n64": dict(block_n=64),
+    "target_g2q64": dict(block_q=64, heads_per_tile=2),
 }
 DENSE = {"dense_pass": {}}
 DENSE_SWEEP = {

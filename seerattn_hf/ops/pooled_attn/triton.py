@@ -75,8 +75,215 @@ def pooled_max_fwd_kernel(
     tl.store(out + i_q, tl.exp2(tl.max(tl.reshape(row_max, [GM, BS]), 1)))
 
 
-def pooled_attn_fwd(q, k, v, block_size, scale=None, seq_offsets=None, attn_config=None,
-                    heads_per_tile=None, num_warps=None, num_stages=None):
+@triton.jit
+def pooled_attn_fused_kernel(
+    q, k, v, o, pooled, scratch, seq_offsets,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_ot, stride_oh,
+    T, NB, n_qtiles, scratch_blocks, qk_scale,
+    B: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, GM: tl.constexpr, D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One pass: dense causal flash attention that also records, for every row and key block, the
+    row's largest score in that block (scratch), and turns them into the block-max map once the
+    row's log-sum-exp is known.
+
+    q: [B, HQ, T, D]; k, v: [B, HKV, T, D]; o: [B, T, HQ, D]; pooled: [B, HQ, NB, NB] float32
+    (unnormalized maxima, entries j <= i); scratch: [num_programs, scratch_blocks, GM * BLOCK_Q]
+    float32, scratch_blocks = NB rounded up to whole steps.
+    Persistent: program p takes tiles p, p + P, ... of the list ordered heaviest (last) query
+    tile first, so its scratch is reused and extra memory does not grow with the number of tiles.
+    BLOCK_Q and BLOCK_N are multiples of BS: a tile covers whole query blocks, a step whole key blocks.
+    """
+    BLOCK_M: tl.constexpr = GM * BLOCK_Q
+    QB_PER_TILE: tl.constexpr = BLOCK_Q // BS
+    SPLIT: tl.constexpr = BLOCK_N // BS
+    n_htiles: tl.constexpr = G // GM
+    HKV: tl.constexpr = HQ // G
+    tiles_per_q: tl.constexpr = B * HKV * n_htiles
+    pid = tl.program_id(0)
+    scr = scratch + pid.to(tl.int64) * scratch_blocks * BLOCK_M
+
+    r = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    cols = tl.arange(0, BLOCK_N)
+    for tile in range(pid, n_qtiles * tiles_per_q, tl.num_programs(0)):
+        i_q = n_qtiles - 1 - tile // tiles_per_q
+        rest = tile % tiles_per_q
+        i_b = (rest // (HKV * n_htiles)).to(tl.int64)  # batch offsets can pass 2**31 elements
+        i_kvh = (rest // n_htiles) % HKV
+        h0 = i_kvh * G + (rest % n_htiles) * GM
+        off = 0
+        if HAS_OFFSETS:
+            off = tl.load(seq_offsets + i_b).to(tl.int32)
+        n_seq_tiles = tl.cdiv(T - off, BLOCK_Q)
+        r_head = h0 + r // BLOCK_Q
+        o_rows = o + i_b * stride_ob + r_head * stride_oh
+        if i_q >= n_seq_tiles:
+            # no sequence rows here: zero part of the left padding instead (as the sparse kernel does)
+            t = (i_q - n_seq_tiles) * BLOCK_Q + r % BLOCK_Q
+            tl.store(o_rows[:, None] + t[:, None] * stride_ot + d[None, :],
+                     tl.zeros([BLOCK_M, D], dtype=o.dtype.element_ty), mask=(t < off)[:, None])
+        else:
+            t_q = off + i_q * BLOCK_Q + r % BLOCK_Q
+            row_ok = t_q < T
+            q_tile = tl.load(q + i_b * stride_qb + r_head[:, None] * stride_qh + t_q[:, None] * stride_qt
+                             + d[None, :], mask=row_ok[:, None], other=0.0)
+            k_desc = tl.make_tensor_descriptor(k + i_b * stride_kb + i_kvh * stride_kh, shape=[T, D],
+                                               strides=[stride_kt, 1], block_shape=[BLOCK_N, D])
+            v_desc = tl.make_tensor_descriptor(v + i_b * stride_vb + i_kvh * stride_vh, shape=[T, D],
+                                               strides=[stride_vt, 1], block_shape=[BLOCK_N, D])
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D], tl.float32)
+            tile_end = tl.minimum((i_q + 1) * BLOCK_Q, T - off)  # sequence rows of this tile end here
+
+            # steps wholly before the tile's first row: no causal mask
+            n_full = (i_q * BLOCK_Q) // BLOCK_N
+            for step in range(0, n_full):
+                t0 = off + step * BLOCK_N
+                k_tile = k_desc.load([t0, 0])
+                v_tile = v_desc.load([t0, 0])
+                s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
+                m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M, BS, SPLIT)
+                m_new = tl.maximum(m_i, m_step)
+                p = tl.exp2(s * qk_scale - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+                m_i = m_new
+
+            # steps touching the diagonal: causal mask and the end of the sequence
+            for step in range(n_full, tl.cdiv(tile_end, BLOCK_N)):
+                t0 = off + step * BLOCK_N
+                t_k = t0 + cols
+                k_tile = k_desc.load([t0, 0])
+                v_tile = v_desc.load([t0, 0])
+                s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
+                s = tl.where((t_k[None, :] <= t_q[:, None]) & (t_k < T)[None, :], s, float("-inf"))
+                m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M, BS, SPLIT)
+                m_new = tl.maximum(m_i, m_step)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp2(s * qk_scale - m_use[:, None])
+                alpha = tl.exp2(m_i - m_use)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+                m_i = m_new
+
+            tl.store(o_rows[:, None] + t_q[:, None] * stride_ot + d[None, :],
+                     (acc / l_i[:, None]).to(o.dtype.element_ty), mask=row_ok[:, None])
+
+            # Block maxima: max over the rows of a query block of exp2(row max in block - row lse).
+            # Every sequence row attends at least to itself, so l_i > 0 there.
+            row_lse = tl.where(row_ok, m_i + tl.log2(l_i), float("inf"))
+            tl.debug_barrier()  # the scratch rows stored by other threads of this program
+            NG: tl.constexpr = BLOCK_M // BS
+            g = tl.arange(0, NG)
+            q_blk = i_q * QB_PER_TILE + g % QB_PER_TILE
+            out = pooled + ((i_b * HQ + h0 + g // QB_PER_TILE) * NB + q_blk) * NB
+            n_kb = tl.cdiv(tile_end, BS)
+            for j0 in range(0, n_kb, CHUNK):
+                j = j0 + tl.arange(0, CHUNK)
+                best = tl.load(scr + j[:, None] * BLOCK_M + r[None, :], mask=(j < n_kb)[:, None],
+                               other=float("-inf"))
+                prob = tl.max(tl.reshape(tl.exp2(best - row_lse[None, :]), [CHUNK, NG, BS]), 2)
+                tl.store(out[None, :] + j[:, None], prob,
+                         mask=(j[:, None] <= q_blk[None, :]) & (q_blk * BS < T - off)[None, :])
+            tl.debug_barrier()  # the next tile overwrites the scratch
+
+
+@triton.jit
+def _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M: tl.constexpr, BS: tl.constexpr,
+                      SPLIT: tl.constexpr):
+    """Store each row's largest scaled score in each key block of this step into the scratch;
+    return the step's row maxima (the online softmax needs them anyway)."""
+    if SPLIT == 1:
+        m_step = tl.max(s, 1) * qk_scale  # the scale is positive: max first
+        tl.store(scr + step * BLOCK_M + r, m_step)
+    else:
+        m_step = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for sub in tl.static_range(SPLIT):
+            m_sub = tl.max(tl.where((cols // BS == sub)[None, :], s, float("-inf")), 1) * qk_scale
+            tl.store(scr + (step * SPLIT + sub) * BLOCK_M + r, m_sub)
+            m_step = tl.maximum(m_step, m_sub)
+    return m_step
+
+
+def fused_config(block_size, D, dtype):
+    """(block_q, heads_per_tile, block_n, num_warps, num_stages, programs_per_sm, chunk) of the
+    one-pass kernel: measured on an H200 (docs/kernels.md); small in the interpreter."""
+    if _interpreting():
+        return block_size, 1, block_size, 4, 1, 1, 4
+    block_q = max(block_size, 128)
+    if D > 128 or dtype == torch.float32 or block_size > 64:
+        return block_q, 1, max(block_size, 64), 8, 2, 1, 64
+    # 128 x 64 tiles in one warpgroup, two programs per SM: one's block-max epilogue overlaps
+    # the other's main loop (1.22-1.24x cuDNN at 32k-64k, against 1.24-1.30x for 128 x 128 tiles
+    # with 8 warps and one program per SM)
+    return block_q, 1, 64, 4, 2, 2, 128
+
+
+def pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, block_q=None,
+                          heads_per_tile=None, block_n=None, num_warps=None, num_stages=None,
+                          programs_per_sm=None, chunk=None, num_programs=None):
+    """Launcher of the one-pass kernel; the keyword arguments override its heuristic (benchmarks,
+    tests). Returns (o, unnormalized pooled map, scratch bytes)."""
+    B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
+    G = HQ // HKV
+    if seq_offsets is not None and tuple(seq_offsets.shape) != (B,):
+        raise ValueError(f"expected seq_offsets [B={B}]; found {tuple(seq_offsets.shape)}")
+    bq, gm, bn, nw, ns, per_sm, ch = fused_config(block_size, D, q.dtype)
+    bq, gm, bn = block_q or bq, heads_per_tile or gm, block_n or bn
+    nw, ns, per_sm, ch = num_warps or nw, num_stages or ns, programs_per_sm or per_sm, chunk or ch
+    if G % gm:
+        raise ValueError(f"heads_per_tile must divide G={G}; found {gm}")
+    for name, value in (("block_q", bq), ("block_n", bn)):
+        if value % block_size or value & (value - 1) or value > 256:
+            raise ValueError(f"{name} must be a power-of-two multiple of block_size={block_size} up to 256; "
+                             f"found {value}")
+    scale = D**-0.5 if scale is None else scale
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k, v = descriptor_ready(k), descriptor_ready(v)
+    NB = triton.cdiv(T, block_size)
+    n_qtiles = triton.cdiv(T, bq) + (1 if seq_offsets is not None else 0)
+    n_tiles = n_qtiles * B * HKV * (G // gm)
+    if num_programs is None:
+        sms = 3 if _interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+        num_programs = sms * per_sm
+    num_programs = min(num_programs, n_tiles)
+    o = torch.empty(B, T, HQ, D, dtype=q.dtype, device=q.device)
+    pooled = torch.zeros(B, HQ, NB, NB, dtype=torch.float32, device=q.device)
+    scratch_blocks = triton.cdiv(T, bn) * (bn // block_size)  # whole steps: the last may pass NB
+    scratch = torch.empty(num_programs, scratch_blocks, gm * bq, dtype=torch.float32, device=q.device)
+    triton.set_allocator(_descriptor_scratch)
+    pooled_attn_fused_kernel[(num_programs,)](
+        q, k, v, o, pooled, scratch, seq_offsets if seq_offsets is not None else o,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        T, NB, n_qtiles, scratch_blocks, scale * LOG2E,
+        B=B, HQ=HQ, G=G, GM=gm, D=D, BLOCK_Q=bq, BS=block_size, BLOCK_N=bn,
+        CHUNK=ch, HAS_OFFSETS=seq_offsets is not None,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=nw, num_stages=ns,
+    )
+    return o, pooled, scratch.numel() * scratch.element_size()
+
+
+def pooled_attn_fwd(q, k, v, block_size, scale=None, seq_offsets=None, **config):
+    """Launcher: the one-pass kernel, then each map row divided by its sum. config: keyword
+    overrides of `pooled_attn_fused_fwd` (benchmarks, tests)."""
+    o, pooled, _ = pooled_attn_fused_fwd(q, k, v, block_size, scale=scale, seq_offsets=seq_offsets, **config)
+    pooled /= pooled.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return o, pooled
+
+
+def pooled_attn_two_pass_fwd(q, k, v, block_size, scale=None, seq_offsets=None, attn_config=None,
+                             heads_per_tile=None, num_warps=None, num_stages=None):
     """Launcher. Shapes as in `triton_pooled_attention`. attn_config: keyword overrides for the
     dense attention pass (block_q, heads_per_tile, block_n, num_warps, num_stages);
     the other arguments override the pooled-map pass's heuristic (benchmarks)."""
