@@ -86,8 +86,9 @@ SWEEP = {
 # the pooled target (one pass), and dense attention with lse alone (the sparse kernel in dense mode)
 TARGETS = {"target": {}}
 TARGET_SWEEP = {
-    "target_n64": dict(block_n=64),
-    "target_g2q64": dict(block_q=64, heads_per_tile=2),
+    "target_n128_w8": dict(block_n=128, num_warps=8, num_stages=3, programs_per_sm=1, chunk=64),
+    "target_g2q64_w8": dict(block_q=64, heads_per_tile=2, block_n=128, num_warps=8, num_stages=3,
+                            programs_per_sm=1, chunk=64),
 }
 DENSE = {"dense_pass": {}}
 DENSE_SWEEP = {

@@ -70,13 +70,15 @@ def test_triton_matches_naive(case, dtype, nan_empty):
 
 
 def test_triton_packed_heads_and_small_steps(nan_empty):
-    from seerattn_hf.ops.pooled_attn.triton import pooled_attn_two_pass_fwd
+    from seerattn_hf.ops.pooled_attn.triton import pooled_attn_fwd
 
     q, k, v = make_qkv(2, 4, 1, 150, 32, torch.float16, device())
     offsets = torch.tensor([0, 29], device=device())
-    o, pooled = pooled_attn_two_pass_fwd(q, k, v, 32, seq_offsets=offsets, heads_per_tile=2,
-                                attn_config=dict(block_q=32, heads_per_tile=4, block_n=16))
-    ref_o, ref_pooled = naive_pooled_attention(q, k, v, 32, seq_offsets=offsets)
+    # two heads per tile, two query blocks per head, two key blocks per step, several scratch chunks,
+    # and two programs taking turns over the tiles (the scratch reused)
+    o, pooled = pooled_attn_fwd(q, k, v, 16, seq_offsets=offsets, block_q=32, heads_per_tile=2, block_n=32,
+                                chunk=4, num_programs=2)
+    ref_o, ref_pooled = naive_pooled_attention(q, k, v, 16, seq_offsets=offsets)
     assert rel_rms(o, ref_o) < 3e-3 and rel_rms(pooled, ref_pooled) < 3e-3
 
 
