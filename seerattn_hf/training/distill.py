@@ -366,7 +366,7 @@ class Trainer:
                 if accelerator.sync_gradients and self._is_fsdp():
                     self._average_gate_gradients()
                 if accelerator.sync_gradients and train.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(self._clip_parameters(), train.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(gate_parameters(self.base), train.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             layer_sum = per_layer if layer_sum is None else layer_sum + per_layer
@@ -411,8 +411,6 @@ class Trainer:
 
         return self.accelerator.distributed_type == DistributedType.FSDP
 
-    def _clip_parameters(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _average_gate_gradients(self) -> None:
         """Under FSDP the gates are replicated, outside FSDP (see __init__): average their gradients

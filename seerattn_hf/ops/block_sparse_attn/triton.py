@@ -39,6 +39,23 @@ def _step_start(idx_row, step, off, BLOCK_N: tl.constexpr, KBS: tl.constexpr, DE
 
 
 @triton.jit
+def _online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, MAY_BE_EMPTY: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr):
+    """One flash-attention step: s = raw scores of the step (-inf where masked), m_step = its row
+    maxima already scaled (qk_scale > 0, so the max of s times the scale); returns (m, l, acc).
+    MAY_BE_EMPTY: rows may have seen only -inf so far (masked steps), which must not give NaN."""
+    m_new = tl.maximum(m_i, m_step)
+    m_use = m_new
+    if MAY_BE_EMPTY:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s * qk_scale - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def block_sparse_attn_fwd_kernel(
     q, k, v, o, lse, block_idx, block_count, seq_offsets,
     stride_qb, stride_qh, stride_qt,
@@ -131,12 +148,8 @@ def block_sparse_attn_fwd_kernel(
         k_tile = k_desc.load([t0, 0])
         v_tile = v_desc.load([t0, 0])
         s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, qk_scale, tl.max(s, 1) * qk_scale, m_i, l_i, acc, v_tile,
+                                             False, INPUT_PRECISION)
 
     # the steps of the diagonal block: causal mask, partial last block, rows with nothing kept
     for step in range((n_full * KBS) // BLOCK_N, tl.cdiv(n_end * KBS, BLOCK_N)):
@@ -144,15 +157,10 @@ def block_sparse_attn_fwd_kernel(
         t_k = t0 + tl.arange(0, BLOCK_N)
         k_tile = k_desc.load([t0, 0])
         v_tile = v_desc.load([t0, 0])
-        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
         s = tl.where((t_k[None, :] <= t_q[:, None]) & (t_k < T)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, qk_scale, tl.max(s, 1) * qk_scale, m_i, l_i, acc, v_tile,
+                                             True, INPUT_PRECISION)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -22,6 +22,7 @@ from ..block_sparse_attn.triton import (
     LOG2E,
     _descriptor_scratch,
     _interpreting,
+    _online_softmax_step,
     check_attention_inputs,
     descriptor_ready,
 )
@@ -101,12 +102,8 @@ def pooled_attn_fused_kernel(
                 v_tile = v_desc.load([t0, 0])
                 s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
                 m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M, BS, SPLIT)
-                m_new = tl.maximum(m_i, m_step)
-                p = tl.exp2(s * qk_scale - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-                m_i = m_new
+                m_i, l_i, acc = _online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, False,
+                                                     INPUT_PRECISION)
 
             # steps touching the diagonal: causal mask and the end of the sequence
             for step in range(n_full, tl.cdiv(tile_end, BLOCK_N)):
@@ -117,13 +114,8 @@ def pooled_attn_fused_kernel(
                 s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
                 s = tl.where((t_k[None, :] <= t_q[:, None]) & (t_k < T)[None, :], s, float("-inf"))
                 m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M, BS, SPLIT)
-                m_new = tl.maximum(m_i, m_step)
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s * qk_scale - m_use[:, None])
-                alpha = tl.exp2(m_i - m_use)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-                m_i = m_new
+                m_i, l_i, acc = _online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, True,
+                                                     INPUT_PRECISION)
 
             tl.store(o_rows[:, None] + t_q[:, None] * stride_ot + d[None, :],
                      (acc / l_i[:, None]).to(o.dtype.element_ty), mask=row_ok[:, None])
@@ -182,7 +174,7 @@ def pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, blo
                           heads_per_tile=None, block_n=None, num_warps=None, num_stages=None,
                           programs_per_sm=None, chunk=None, num_programs=None):
     """Launcher of the one-pass kernel; the keyword arguments override its heuristic (benchmarks,
-    tests). Returns (o, unnormalized pooled map, scratch bytes)."""
+    tests). Returns o and the unnormalized pooled map."""
     B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
     G = HQ // HKV
     if seq_offsets is not None and tuple(seq_offsets.shape) != (B,):
@@ -223,13 +215,13 @@ def pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, blo
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=nw, num_stages=ns,
     )
-    return o, pooled, scratch.numel() * scratch.element_size()
+    return o, pooled
 
 
 def pooled_attn_fwd(q, k, v, block_size, scale=None, seq_offsets=None, **config):
     """Launcher: the one-pass kernel, then each map row divided by its sum. config: keyword
     overrides of `pooled_attn_fused_fwd` (benchmarks, tests)."""
-    o, pooled, _ = pooled_attn_fused_fwd(q, k, v, block_size, scale=scale, seq_offsets=seq_offsets, **config)
+    o, pooled = pooled_attn_fused_fwd(q, k, v, block_size, scale=scale, seq_offsets=seq_offsets, **config)
     pooled /= pooled.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return o, pooled
 
