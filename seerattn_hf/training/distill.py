@@ -251,6 +251,9 @@ class Trainer:
             accelerator.save_state(str(temporary))
         self._save_gates(temporary / GATES)
         optimizer_state = self._optimizer_state_dict()
+        # Every process writes its own RNG state into the temporary folder: all must be done before
+        # the main process renames it.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             torch.save(optimizer_state, temporary / OPTIMIZER)
             state = {"step": self.step, "global_batch": self.global_batch, "seq_len": self.arguments.data.seq_len,

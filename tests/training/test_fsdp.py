@@ -44,7 +44,7 @@ def launch(config: Path, arguments: list[str], port: int) -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "--main_process_port", str(port), str(WORKER), *arguments]
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.stderr[-12000:]
 
 
 def gates(folder: Path) -> dict:
