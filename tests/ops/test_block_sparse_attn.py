@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attn_testing import dense_reference, device, lists_to_dense, make_block_lists, make_offsets, make_qkv, rel_rms
+from attn_testing import (
+    dense_reference,
+    device,
+    growing_keys,
+    lists_to_dense,
+    make_block_lists,
+    make_offsets,
+    make_qkv,
+    rel_rms,
+)
 
 from seerattn_hf.ops.block_sparse_attn import (
     flex_block_sparse_attention,
@@ -84,6 +93,18 @@ def test_triton_steps_smaller_than_a_block(case, nan_empty):
     ref_o, ref_lse = naive_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets,
                                                   return_lse=True)
     assert rel_rms(o, ref_o) < 3e-3 and rel_rms(lse, ref_lse) < 3e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_scores_growing_along_the_row(dtype, nan_empty):
+    q, k, v = make_qkv(2, 4, 2, 190, 32, dtype, device())
+    k = growing_keys(k)
+    idx, count = make_block_lists(2, 2, 190, 16, 0.6, device=device())
+    offsets = torch.tensor([0, 37], device=device())
+    o, lse = triton_block_sparse_attention(q, k, v, idx, count, 16, seq_offsets=offsets, return_lse=True)
+    ref_o, ref_lse = naive_block_sparse_attention(q, k, v, idx, count, 16, seq_offsets=offsets, return_lse=True)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert rel_rms(o, ref_o) < tol and rel_rms(lse, ref_lse) < tol
 
 
 def test_triton_without_lse_and_custom_scale(nan_empty):

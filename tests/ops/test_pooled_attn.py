@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attn_testing import dense_reference, device, make_offsets, make_qkv, rel_rms
+from attn_testing import dense_reference, device, growing_keys, make_offsets, make_qkv, rel_rms
 
 from seerattn_hf.ops.pooled_attn import naive_pooled_attention, triton_pooled_attention
 
@@ -78,6 +78,15 @@ def test_triton_packed_heads_and_small_steps(nan_empty):
     # and two programs taking turns over the tiles (the scratch reused)
     o, pooled = pooled_attn_fwd(q, k, v, 16, seq_offsets=offsets, block_q=32, heads_per_tile=2, block_n=32,
                                 chunk=4, num_programs=2)
+    ref_o, ref_pooled = naive_pooled_attention(q, k, v, 16, seq_offsets=offsets)
+    assert rel_rms(o, ref_o) < 3e-3 and rel_rms(pooled, ref_pooled) < 3e-3
+
+
+def test_triton_scores_growing_along_the_row(nan_empty):
+    q, k, v = make_qkv(2, 4, 2, 170, 32, torch.float16, device())
+    k = growing_keys(k)
+    offsets = torch.tensor([0, 23], device=device())
+    o, pooled = triton_pooled_attention(q, k, v, 16, seq_offsets=offsets)
     ref_o, ref_pooled = naive_pooled_attention(q, k, v, 16, seq_offsets=offsets)
     assert rel_rms(o, ref_o) < 3e-3 and rel_rms(pooled, ref_pooled) < 3e-3
 
