@@ -10,6 +10,7 @@ from pathlib import Path
 import seerattn_hf as sa
 from seerattn_hf.training.arguments import parse_arguments
 from seerattn_hf.training.distill import Trainer
+from worker_exit import end_process
 
 
 def main() -> None:
@@ -21,6 +22,8 @@ def main() -> None:
     rank = trainer.accelerator.process_index
     output = Path(trainer.arguments.train.output_dir) / f"gates-rank{rank}.txt"
     output.write_text(f"{trainer.accelerator.num_processes} {digest.hexdigest()}\n", encoding="utf-8")
+    del trainer  # freed while the interpreter is alive
+    end_process()
 
 
 if __name__ == "__main__":

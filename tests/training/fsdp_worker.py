@@ -11,15 +11,14 @@ promotes accelerate's state to FSDP when the config asked for it, and places the
 
 from __future__ import annotations
 
-import gc
 import hashlib
-import os
 import sys
 from pathlib import Path
 
 import torch
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
+from worker_exit import end_process
 
 _original_init = AcceleratorState.__init__
 
@@ -73,16 +72,8 @@ def main() -> None:
     if trainer.accelerator.distributed_type != DistributedType.FSDP:
         raise RuntimeError(f"expected an FSDP run, found {trainer.accelerator.distributed_type}")
     trainer.train()
-    # Everything the test checks is written, and the trainer has destroyed the process group. Gloo
-    # worker threads can still abort the interpreter's own teardown ("terminate called without an
-    # active exception", SIGABRT after a finished run: seen once in CI, a known torch/gloo teardown
-    # problem), so the FSDP objects are freed while the interpreter is alive and the process ends
-    # without the teardown.
-    del trainer
-    gc.collect()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    del trainer  # freed while the interpreter is alive
+    end_process()
 
 
 if __name__ == "__main__":
