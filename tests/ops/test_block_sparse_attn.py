@@ -32,6 +32,7 @@ CASES = [
     (1, 200, 4, 1, 32, 16, True, "diag", 0.0, True),
     (2, 200, 2, 2, 32, 16, False, "holes", 0.3, False),
     (1, 200, 4, 2, 16, 128, True, "holes", 0.5, True),
+    (2, 77, 4, 2, 128, 16, True, "holes", 0.5, True),  # head_dim 128 (the output store's widest rows)
 ]
 
 
