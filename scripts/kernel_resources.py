@@ -14,18 +14,23 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
 import subprocess
 import tempfile
 from pathlib import Path
 
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# Compiled kernels and the GPU's launch configurations, also where TRITON_INTERPRET=1 is set (Triton
+# reads it when the kernels are defined, the launchers when they pick tiles).
+os.environ["TRITON_INTERPRET"] = "0"
 
-from seerattn_hf.ops.block_sparse_attn.triton import block_sparse_attn_fwd_kernel, default_config
-from seerattn_hf.ops.pooled_attn.triton import fused_config, pooled_attn_fused_kernel
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from seerattn_hf.ops.block_sparse_attn.triton import block_sparse_attn_fwd_kernel, default_config  # noqa: E402
+from seerattn_hf.ops.pooled_attn.triton import fused_config, pooled_attn_fused_kernel  # noqa: E402
 
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -47,7 +52,7 @@ def compile_kernel(kernel, pointers: dict, constexprs: dict, num_warps: int, num
 
 
 def _tool(name: str) -> str:
-    return triton.knobs.nvidia.__getattribute__(name).path
+    return getattr(triton.knobs.nvidia, name).path
 
 
 def resources(compiled) -> dict:
