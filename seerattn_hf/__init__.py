@@ -3,10 +3,9 @@
 Importing the package needs neither a GPU nor triton: the Triton kernels load on first use.
 """
 
-__version__ = "0.1.0"
-
 from .adapter import from_pretrained, load_gate_weights, push_gates_to_hub, save_gates
 from .config import SeerAttentionConfig
+from .gate_config import GateConfig
 from .patching import (
     SUPPORTED_MODEL_TYPES,
     apply_seer_attention,
@@ -18,10 +17,15 @@ from .patching import (
     set_attention_mode,
     update_sparsity_config,
 )
+from .policy import SparsityPolicy
+from .version import __version__
 
 __all__ = [
+    "GateConfig",
     "SUPPORTED_MODEL_TYPES",
     "SeerAttentionConfig",
+    "SparsityPolicy",
+    "__version__",
     "apply_seer_attention",
     "from_pretrained",
     "gate_parameters",

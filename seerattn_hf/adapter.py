@@ -6,17 +6,18 @@ the model the gates go into must have the architecture they were trained for.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CONFIG_NAME, SeerAttentionConfig
+from .config import CONFIG_NAME, SeerAttentionConfig, read_json_object
 from .embedded import resolve_model_path
+from .gate_config import GATE_FIELDS
 from .patching import (
     apply_seer_attention,
     is_patched,
@@ -25,17 +26,12 @@ from .patching import (
     require_patched,
 )
 from .utils import atomic_path, atomic_write_text
+from .version import __version__
 
 WEIGHTS_NAME = "seer_gates.safetensors"
 LIBRARY_NAME = "seerattn_hf"
 # Keys of the adapter config that describe the base model the gates fit.
 LAYOUT_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
-
-
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def model_layout(model: nn.Module) -> dict:
@@ -87,7 +83,7 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> Path:
     with atomic_path(folder / WEIGHTS_NAME) as temporary:
         save_file(gate_state_dict(model), temporary, metadata={"format": "pt", "library": LIBRARY_NAME})
     config.replace(layers=layers).save_json(folder / CONFIG_NAME,
-                                            extra={"library_version": _library_version(), "base_model_layout": layout})
+                                            extra={"library_version": __version__, "base_model_layout": layout})
     atomic_write_text(folder / "README.md", _model_card(config, layout))
     return folder
 
@@ -109,9 +105,22 @@ def _read_adapter_config(folder: Path) -> tuple[SeerAttentionConfig, dict]:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} is not a SeerAttention gate adapter: {CONFIG_NAME} is missing")
-    config = SeerAttentionConfig.from_json_file(config_path)
-    layout = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_layout") or {}
-    return config, layout
+    values = read_json_object(config_path)
+    _warn_if_newer(values.get("library_version"), config_path)
+    config = SeerAttentionConfig.from_dict(values, source=str(config_path))
+    return config, values.get("base_model_layout") or {}
+
+
+def _warn_if_newer(written_by, source: Path) -> None:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        newer = written_by is not None and Version(str(written_by)) > Version(__version__)
+    except InvalidVersion:
+        newer = True
+    if newer:
+        warnings.warn(f"{source} was written by seerattn_hf {written_by}, newer than this {__version__}; "
+                      "settings it adds are ignored", stacklevel=3)
 
 
 def _check_layout(model: nn.Module, layout: dict, source: Path) -> None:
@@ -155,7 +164,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
     """
     folder = _resolve_folder(path_or_hub_id, revision, cache_dir, token, local_files_only)
     config, layout = _read_adapter_config(folder)
-    fixed = sorted(set(overrides) & (set(config.gate_shape_fields) | {"layers", "base_model_name_or_path"}))
+    fixed = sorted(set(overrides) & set(GATE_FIELDS))
     if fixed:
         raise ValueError(f"{fixed} are fixed by the saved gates and cannot be overridden at load time")
     config = config.replace(**overrides)

@@ -11,14 +11,15 @@ import math
 from dataclasses import dataclass, field
 import torch
 
-from .config import SeerAttentionConfig
-from .gate import SeerGate, num_blocks, valid_block_rows
+from .blocks import num_blocks, valid_block_rows
+from .gate import SeerGate
 from .ops.block_sparse_attn import (
     flex_block_sparse_attention,
     naive_block_sparse_attention,
     triton_block_sparse_attention,
 )
 from .ops.pooled_attn import naive_pooled_attention, triton_pooled_attention
+from .policy import SparsityPolicy
 from .selectors import (
     kept_block_counts,
     pooled_score_probs,
@@ -47,10 +48,12 @@ class DistillRecord:
 
 @dataclass
 class SeerLayerState:
-    """Runtime state of one patched attention module."""
+    """Runtime state of one patched attention module. `policy` is replaced (never changed in place)
+    by `update_sparsity_config`."""
 
     layer_idx: int
-    config: SeerAttentionConfig
+    block_size: int
+    policy: SparsityPolicy
     mode: str = "sparse"
     captured_query: torch.Tensor | None = None
     captured_key: torch.Tensor | None = None
@@ -61,7 +64,7 @@ class SeerLayerState:
 
     @property
     def needs_gate_inputs(self) -> bool:
-        return self.mode == "distill" or (self.mode == "sparse" and self.config.selector == "gate")
+        return self.mode == "distill" or (self.mode == "sparse" and self.policy.selector == "gate")
 
     def take_captured(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         query, key = self.captured_query, self.captured_key
@@ -69,7 +72,8 @@ class SeerLayerState:
         return query, key
 
     def add_counts(self, kept: torch.Tensor, causal: torch.Tensor) -> None:
-        # Kept on the device as tensors: reading them would synchronise every layer.
+        """Add per-query-head counts (`[HQ]` tensors), kept on the device: reading them would
+        synchronise every layer."""
         if self.kept_blocks is None:
             self.kept_blocks, self.causal_blocks = kept, causal
         else:
@@ -152,19 +156,17 @@ def _gate_inputs_or_fail(state: SeerLayerState):
 
 def _block_probs(state: SeerLayerState, gate: SeerGate, query, key, value, scale,
                  seq_offsets) -> torch.Tensor:
-    config = state.config
-    if config.selector == "gate":
+    policy = state.policy
+    if policy.selector == "gate":
         captured_query, captured_key = _gate_inputs_or_fail(state)
         with torch.no_grad():
             return gate(captured_query, captured_key, seq_offsets).exp()
-    if config.selector == "oracle":
-        return pooled_attention(query, key, value, config.block_size, scale, seq_offsets, config.backend)[1]
-    if config.selector == "pooled_score":
-        return pooled_score_probs(query, key, config.block_size, seq_offsets)
-    if config.sparsity_method != "density":
-        raise ValueError(f"selector='streaming' ranks blocks by position and needs sparsity_method='density', "
-                         f"found {config.sparsity_method!r}")
-    blocks = num_blocks(query.shape[2], config.block_size)
+    if policy.selector == "oracle":
+        return pooled_attention(query, key, value, state.block_size, scale, seq_offsets, policy.backend)[1]
+    if policy.selector == "pooled_score":
+        return pooled_score_probs(query, key, state.block_size, seq_offsets)
+    # "streaming": the policy guarantees sparsity_method="density" (a ranking, not probabilities).
+    blocks = num_blocks(query.shape[2], state.block_size)
     return streaming_scores(query.shape[0], query.shape[1], blocks, query.device)
 
 
@@ -178,36 +180,39 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     state: SeerLayerState | None = getattr(module, "seer_state", None)
     query_length, key_length = query.shape[2], key.shape[2]
     prefill = query_length == key_length
-    if state is None or state.mode == "dense" or not prefill or query_length < state.config.min_sparse_length:
-        # Layers left without a gate (SeerAttentionConfig.layers), dense mode, decoding steps and
+    if state is None or state.mode == "dense" or not prefill or query_length < state.policy.min_sparse_length:
+        # Layers left without a gate (GateConfig.layers), dense mode, decoding steps and
         # prompts continued from a cache run the model's own attention.
         if state is not None:
             state.take_captured()
         return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
                                            dropout=dropout, **kwargs)
 
-    config = state.config
+    policy, block_size = state.policy, state.block_size
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     query, key, value = same_dtype(query, key, value)
     batch = query.shape[0]
     seq_offsets = left_padding_offsets(attention_mask, batch, key_length)
-    row_valid = valid_block_rows(query_length, config.block_size, seq_offsets, batch, query.device)
+    row_valid = valid_block_rows(query_length, block_size, seq_offsets, batch, query.device)
     gate: SeerGate = module.seer_gate
 
     if state.mode == "distill":
         captured_query, captured_key = _gate_inputs_or_fail(state)
         with torch.no_grad():
-            output, target = pooled_attention(query, key, value, config.block_size, scale, seq_offsets,
-                                              config.backend)
+            output, target = pooled_attention(query, key, value, block_size, scale, seq_offsets,
+                                              policy.backend)
         gate_log_probs = gate(captured_query, captured_key, seq_offsets)
         state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
         return output, None
 
     probs = _block_probs(state, gate, query, key, value, scale, seq_offsets)
-    if config.mask_sharing == "kv_group":
+    if policy.mask_sharing == "kv_group":
         probs = share_across_kv_group(probs, key.shape[1])
-    block_idx, block_count = select_block_lists(config, probs, row_valid)
-    state.add_counts(*kept_block_counts(block_count, row_valid))
-    output = block_sparse_attention(query, key, value, block_idx, block_count, config.block_size, scale,
-                                    seq_offsets, config.backend)
+    block_idx, block_count = select_block_lists(policy, probs, row_valid)
+    kept, causal = kept_block_counts(block_count, row_valid)
+    # Counted per query head whatever the mask sharing, so the statistics outlive a policy change.
+    groups = query.shape[1] // kept.shape[0]
+    state.add_counts(kept.repeat_interleave(groups), causal.repeat_interleave(groups))
+    output = block_sparse_attention(query, key, value, block_idx, block_count, block_size, scale,
+                                    seq_offsets, policy.backend)
     return output, None

@@ -1,154 +1,143 @@
-"""`SeerAttentionConfig`: what the gates look like and how their scores become a block mask."""
+"""`SeerAttentionConfig`: the user-facing pair of a gate config (the gates' shape) and a sparsity
+policy (how their scores become a block mask), and the JSON form a gate adapter stores.
+
+Both parts are immutable; `replace` returns a validated copy. Flat keyword arguments are split
+between the two parts, so `SeerAttentionConfig(block_size=64, density=0.3)` works as before.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+import warnings
 from typing import Any
 
-Q_POOLINGS = ("avg", "max", "min")
-K_POOLINGS = ("max", "min", "avg")
-SELECTORS = ("gate", "oracle", "pooled_score", "streaming")
-SPARSITY_METHODS = ("threshold", "density", "coverage")
-BACKENDS = ("auto", "triton", "torch", "flex")
-MASK_SHARINGS = ("head", "kv_group")
+from .gate_config import GATE_FIELDS, K_POOLINGS, Q_POOLINGS, GateConfig  # noqa: F401  (re-exported)
+from .policy import (  # noqa: F401  (re-exported)
+    BACKENDS,
+    MASK_SHARINGS,
+    POLICY_FIELDS,
+    SELECTORS,
+    SPARSITY_METHODS,
+    SparsityPolicy,
+)
+from .validation import InvalidSetting, reject_unknown
+
 CONFIG_NAME = "seer_config.json"
+# The adapter JSON keeps the gate fields at the top level and the policy under this key.
+POLICY_KEY = "sparsity_policy"
+# Keys of the adapter JSON that are records, not configuration.
+METADATA_KEYS = ("library_version", "base_model_layout")
 
 
-@dataclass
 class SeerAttentionConfig:
-    """Configuration of SeerAttention gates and of sparse prefill.
+    """A gate config and a sparsity policy. Fields of either are read as attributes
+    (`config.block_size`, `config.density`); lists come back as lists.
 
-    Gate shape (fixed once gates are trained):
-        block_size: tokens per block, 16 to 128.
-        gate_hidden_size: width `h` of the per-head gate projections.
-        q_pooling / k_pooling: pooling kinds along the sequence, concatenated on the feature axis.
-        layers: indices of the attention layers that get a gate; None means all.
-        base_model_name_or_path: the model the gates were trained for.
-
-    Sparse prefill (can be changed at any time, also at load time):
-        selector: where block scores come from: "gate" (trained gates), "oracle" (the true block
-            max-pooled attention map), "pooled_score" (mean-pooled q.k per block, training free) or
-            "streaming" (first block plus the most recent blocks).
-        sparsity_method: "threshold" (keep blocks whose probability exceeds `threshold`),
-            "density" (keep the top `density` share of each row's causal blocks) or "coverage"
-            (keep per row the fewest blocks whose probabilities sum to at least `coverage`).
-        keep_first_blocks / keep_recent_blocks: blocks always kept at the start of the sequence and
-            before the diagonal (the diagonal block itself is always kept).
-        dense_last_query_block: compute the last query block densely (the question of a prompt).
-        mask_sharing: "head" (one mask per query head) or "kv_group" (one mask per KV head, shared by
-            its query heads: the kernel then packs a group's heads into one tile).
-        backend: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch" or "flex".
-        min_sparse_length: prompts shorter than this run dense attention.
+    Gate shape (fixed once gates exist; see `GateConfig`): block_size, gate_hidden_size, q_pooling,
+    k_pooling, layers, base_model_name_or_path.
+    Sparsity policy (changeable at load and run time; see `SparsityPolicy`): selector,
+    sparsity_method, threshold, density, coverage, keep_first_blocks, keep_recent_blocks,
+    dense_last_query_block, mask_sharing, backend, min_sparse_length.
     """
 
-    block_size: int = 64
-    gate_hidden_size: int = 128
-    q_pooling: list[str] = field(default_factory=lambda: ["avg"])
-    k_pooling: list[str] = field(default_factory=lambda: ["max", "min", "avg"])
-    layers: list[int] | None = None
-    base_model_name_or_path: str | None = None
-    selector: str = "gate"
-    sparsity_method: str = "threshold"
-    threshold: float = 2e-3
-    density: float = 0.5
-    coverage: float = 0.9
-    keep_first_blocks: int = 0
-    keep_recent_blocks: int = 0
-    dense_last_query_block: bool = False
-    mask_sharing: str = "head"
-    backend: str = "auto"
-    min_sparse_length: int = 0
+    __slots__ = ("gate", "policy")
+    gate: GateConfig
+    policy: SparsityPolicy
 
-    def __post_init__(self):
-        self.q_pooling = list(self.q_pooling)
-        self.k_pooling = list(self.k_pooling)
-        if self.layers is not None:
-            self.layers = [int(i) for i in self.layers]
-        self.validate()
+    def __init__(self, gate: GateConfig | None = None, policy: SparsityPolicy | None = None, **fields):
+        reject_unknown("SeerAttentionConfig", fields, GATE_FIELDS + POLICY_FIELDS)
+        gate = GateConfig() if gate is None else gate
+        policy = SparsityPolicy() if policy is None else policy
+        gate_changes = {k: v for k, v in fields.items() if k in GATE_FIELDS}
+        policy_changes = {k: v for k, v in fields.items() if k in POLICY_FIELDS}
+        try:
+            gate = gate.replace(**gate_changes) if gate_changes else gate
+            policy = policy.replace(**policy_changes) if policy_changes else policy
+        except InvalidSetting as error:
+            raise error.for_owner("SeerAttentionConfig") from None
+        object.__setattr__(self, "gate", gate)
+        object.__setattr__(self, "policy", policy)
 
-    def validate(self) -> None:
-        """Raise `ValueError` naming the first field whose value is not accepted."""
-        _check(isinstance(self.block_size, int) and 16 <= self.block_size <= 128,
-               "block_size", "an integer from 16 to 128", self.block_size)
-        _check(isinstance(self.gate_hidden_size, int) and self.gate_hidden_size > 0
-               and self.gate_hidden_size % 2 == 0,
-               "gate_hidden_size", "a positive even integer (block RoPE rotates pairs)",
-               self.gate_hidden_size)
-        for name, allowed in (("q_pooling", Q_POOLINGS), ("k_pooling", K_POOLINGS)):
-            kinds = getattr(self, name)
-            _check(len(kinds) > 0 and len(set(kinds)) == len(kinds) and set(kinds) <= set(allowed),
-                   name, f"a non-empty list of distinct values from {list(allowed)}", kinds)
-        _check(self.layers is None or (len(self.layers) > 0 and min(self.layers) >= 0),
-               "layers", "None or a non-empty list of layer indices >= 0", self.layers)
-        _check(self.selector in SELECTORS, "selector", f"one of {list(SELECTORS)}", self.selector)
-        _check(self.sparsity_method in SPARSITY_METHODS, "sparsity_method",
-               f"one of {list(SPARSITY_METHODS)}", self.sparsity_method)
-        _check(_is_number(self.threshold) and 0.0 <= self.threshold < 1.0,
-               "threshold", "a number in [0, 1)", self.threshold)
-        _check(_is_number(self.density) and 0.0 < self.density <= 1.0,
-               "density", "a number in (0, 1]", self.density)
-        _check(_is_number(self.coverage) and 0.0 < self.coverage <= 1.0,
-               "coverage", "a number in (0, 1]", self.coverage)
-        for name in ("keep_first_blocks", "keep_recent_blocks", "min_sparse_length"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 0, name, "an integer >= 0", value)
-        _check(isinstance(self.dense_last_query_block, bool), "dense_last_query_block",
-               "a bool", self.dense_last_query_block)
-        _check(self.mask_sharing in MASK_SHARINGS, "mask_sharing",
-               f"one of {list(MASK_SHARINGS)}", self.mask_sharing)
-        _check(self.backend in BACKENDS, "backend", f"one of {list(BACKENDS)}", self.backend)
+    def __getattr__(self, name: str):
+        # Only called for names that are not slots: the fields of the two parts.
+        if name in GATE_FIELDS:
+            value = getattr(self.gate, name)
+            return list(value) if isinstance(value, tuple) else value
+        if name in POLICY_FIELDS:
+            return getattr(self.policy, name)
+        raise AttributeError(f"SeerAttentionConfig has no field {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"SeerAttentionConfig is immutable (cannot set {name!r}): use config.replace("
+                             f"{name}=...), or update_sparsity_config(model, {name}=...) on a patched model")
+
+    def __reduce__(self):
+        return type(self), (self.gate, self.policy)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SeerAttentionConfig) and (self.gate, self.policy) == (other.gate, other.policy)
+
+    def __hash__(self) -> int:
+        return hash((self.gate, self.policy))
+
+    def __repr__(self) -> str:
+        return f"SeerAttentionConfig(gate={self.gate!r}, policy={self.policy!r})"
 
     @property
     def gate_shape_fields(self) -> dict[str, Any]:
-        """The fields that fix the gate's parameter shapes (a gate file only fits this shape)."""
-        return {name: getattr(self, name)
-                for name in ("block_size", "gate_hidden_size", "q_pooling", "k_pooling")}
+        return self.gate.shape_fields
 
     def replace(self, **changes) -> "SeerAttentionConfig":
         """A validated copy with some fields changed; unknown names raise `ValueError`."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"Unknown SeerAttentionConfig field(s) {unknown}; expected some of "
-                             f"{[f.name for f in dataclasses.fields(self)]}")
-        return dataclasses.replace(self, **changes)
+        return SeerAttentionConfig(self.gate, self.policy, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, flat."""
+        return {**self.gate.to_dict(), **self.policy.to_dict()}
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The stored form: gate fields at the top level, the policy under "sparsity_policy"."""
+        return {**self.gate.to_dict(), POLICY_KEY: self.policy.to_dict()}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "SeerAttentionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+    def from_dict(cls, values: dict[str, Any], source: str = "the config") -> "SeerAttentionConfig":
+        """Read the stored form, or the flat form (every field at the top level) that release 0.1.0
+        wrote. Unknown keys are named in a warning and ignored."""
+        values = dict(values)
+        policy_values = values.pop(POLICY_KEY, None)
+        if policy_values is None:
+            policy_values = {k: values.pop(k) for k in POLICY_FIELDS if k in values}
+        elif not isinstance(policy_values, dict):
+            raise ValueError(f"{source}: expected {POLICY_KEY!r} to be a JSON object, found {policy_values!r}")
+        gate_values = {k: values.pop(k) for k in GATE_FIELDS if k in values}
+        unknown = sorted(set(values) - set(METADATA_KEYS)) + sorted(set(policy_values) - set(POLICY_FIELDS))
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown keys {unknown} (written by another version of seerattn_hf?)",
+                          stacklevel=2)
+        policy_values = {k: v for k, v in policy_values.items() if k in POLICY_FIELDS}
+        return cls(**gate_values, **policy_values)
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_json_string(self, extra: dict[str, Any] | None = None) -> str:
+        return json.dumps({**self.to_json_dict(), **(extra or {})}, indent=2, sort_keys=True) + "\n"
 
     def save_json(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-        """Write the config (plus `extra` keys such as the library version) atomically."""
+        """Write the stored form (plus `extra` keys such as the library version) atomically."""
         from .utils import atomic_write_text
 
-        values = {**self.to_dict(), **(extra or {})}
-        atomic_write_text(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, self.to_json_string(extra))
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "SeerAttentionConfig":
-        with open(path, encoding="utf-8") as handle:
-            try:
-                values = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON: {error}") from error
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} should hold a JSON object, found {type(values).__name__}")
-        return cls.from_dict(values)
+        return cls.from_dict(read_json_object(path), source=str(path))
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check(ok: bool, name: str, expected: str, found) -> None:
-    if not ok:
-        raise ValueError(f"SeerAttentionConfig.{name}: expected {expected}, found {found!r}")
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        try:
+            values = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} should hold a JSON object, found {type(values).__name__}")
+    return values

@@ -7,65 +7,8 @@ import math
 import torch
 from torch import nn
 
-from .config import SeerAttentionConfig
-
-
-def num_blocks(length: int, block_size: int) -> int:
-    return -(-length // block_size)
-
-
-def pool_blocks(x: torch.Tensor, kinds: list[str], block_size: int) -> torch.Tensor:
-    """Pool `x: [B, T, H, D]` along T in blocks (the last may be partial) -> `[B, NB, H, D * len(kinds)]`.
-
-    Full blocks are pooled through a view and the partial tail separately, so nothing of the size
-    of `x` is copied; averages accumulate in float32.
-    """
-    batch, length, heads, dim = x.shape
-    full = length // block_size
-    pieces = []
-    if full:
-        pieces.append(x[:, : full * block_size].view(batch, full, block_size, heads, dim))
-    if length > full * block_size:
-        pieces.append(x[:, full * block_size:].unsqueeze(1))
-    pooled = []
-    for kind in kinds:
-        per_piece = []
-        for piece in pieces:
-            if kind == "avg":
-                per_piece.append(piece.mean(dim=2, dtype=torch.float32))
-            elif kind == "max":
-                per_piece.append(piece.amax(dim=2).float())
-            else:
-                per_piece.append(piece.amin(dim=2).float())
-        pooled.append(torch.cat(per_piece, dim=1))
-    return torch.cat(pooled, dim=-1)
-
-
-def pool_blocks_padded(x: torch.Tensor, kinds: list[str], block_size: int,
-                       seq_offsets: torch.Tensor | None) -> torch.Tensor:
-    """`pool_blocks` for a left-padded batch: sequence b starts at `seq_offsets[b]` and its blocks
-    are counted from there. Blocks past a sequence's end are zero."""
-    if seq_offsets is None:
-        return pool_blocks(x, kinds, block_size)
-    length = x.shape[1]
-    total_blocks = num_blocks(length, block_size)
-    pooled = x.new_zeros(x.shape[0], total_blocks, x.shape[2], x.shape[3] * len(kinds),
-                         dtype=torch.float32)
-    for b, offset in enumerate(seq_offsets.tolist()):
-        if offset < length:
-            own = pool_blocks(x[b: b + 1, offset:], kinds, block_size)
-            pooled[b, : own.shape[1]] = own[0]
-    return pooled
-
-
-def valid_block_rows(length: int, block_size: int, seq_offsets: torch.Tensor | None,
-                     batch: int, device: torch.device) -> torch.Tensor:
-    """`[B, NB]` bool: which query blocks hold at least one real token of their sequence."""
-    total_blocks = num_blocks(length, block_size)
-    if seq_offsets is None:
-        return torch.ones(batch, total_blocks, dtype=torch.bool, device=device)
-    own_blocks = (length - seq_offsets.to(device) + block_size - 1) // block_size
-    return torch.arange(total_blocks, device=device)[None, :] < own_blocks[:, None]
+from .blocks import pool_blocks_padded
+from .gate_config import GateConfig
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +25,7 @@ class SeerGate(nn.Module):
     at the position of each block's first token.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, config: SeerAttentionConfig,
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, config: GateConfig,
                  rope_inv_freq: torch.Tensor, rope_scaling: float = 1.0):
         super().__init__()
         if num_heads % num_kv_heads:

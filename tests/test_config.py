@@ -50,3 +50,67 @@ def test_bad_json_file(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         SeerAttentionConfig.from_json_file(tmp_path / "broken.json")
+
+
+def test_config_is_a_gate_config_and_a_policy():
+    from seerattn_hf import GateConfig, SparsityPolicy
+
+    config = SeerAttentionConfig(block_size=32, layers=[3, 1], density=0.3, sparsity_method="density")
+    assert config.gate == GateConfig(block_size=32, layers=(1, 3))
+    assert config.policy == SparsityPolicy(sparsity_method="density", density=0.3)
+    assert SeerAttentionConfig(gate=config.gate, policy=config.policy) == config
+    assert config.layers == [1, 3] and config.gate.q_pooling == ("avg",)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SeerAttentionConfig().gate, lambda: SeerAttentionConfig().policy, lambda: SeerAttentionConfig(),
+])
+def test_configs_are_immutable(make):
+    config = make()
+    with pytest.raises(AttributeError):
+        config.density = 7
+    with pytest.raises(AttributeError):
+        config.block_size = 32
+
+
+@pytest.mark.parametrize("field, value", [
+    ("block_size", 48), ("block_size", 96), ("layers", "0,1"), ("layers", [0.0, 1.0]), ("layers", [True]),
+    ("q_pooling", "avg"), ("k_pooling", "max"),
+])
+def test_gate_fields_the_kernels_or_the_gate_cannot_take(field, value):
+    from seerattn_hf import GateConfig
+
+    with pytest.raises(ValueError, match=rf"GateConfig\.{field}: expected .* found"):
+        GateConfig(**{field: value})
+
+
+def test_policy_checks_cross_field_rules_on_construction():
+    from seerattn_hf import SparsityPolicy
+
+    with pytest.raises(ValueError, match=r"SparsityPolicy\.sparsity_method: expected 'density' with selector='streaming'"):
+        SparsityPolicy(selector="streaming")
+    with pytest.raises(ValueError, match="SeerAttentionConfig.sparsity_method"):
+        SeerAttentionConfig(selector="streaming", sparsity_method="coverage")
+    policy = SparsityPolicy(selector="streaming", sparsity_method="density", density=0.2)
+    assert policy.label == "streaming d=0.2" and policy.value == 0.2
+    with pytest.raises(ValueError, match="Unknown SparsityPolicy field"):
+        policy.replace(block_size=32)
+
+
+def test_release_0_1_0_flat_json_still_reads(tmp_path):
+    flat = {"block_size": 16, "gate_hidden_size": 16, "q_pooling": ["avg"], "k_pooling": ["max"], "layers": None,
+            "base_model_name_or_path": None, "selector": "oracle", "sparsity_method": "coverage", "threshold": 0.002,
+            "density": 0.5, "coverage": 0.8, "keep_first_blocks": 0, "keep_recent_blocks": 0,
+            "dense_last_query_block": False, "mask_sharing": "head", "backend": "auto", "min_sparse_length": 0,
+            "library_version": "0.1.0"}
+    config = SeerAttentionConfig.from_dict(flat)
+    assert (config.block_size, config.k_pooling, config.selector, config.coverage) == (16, ["max"], "oracle", 0.8)
+    assert json.loads(config.to_json_string())["sparsity_policy"]["coverage"] == 0.8
+
+
+def test_unknown_json_keys_are_named_in_a_warning():
+    values = json.loads(SeerAttentionConfig().to_json_string())
+    values["gate_kind"] = "decode"
+    values["sparsity_policy"]["decode_budget"] = 2048
+    with pytest.warns(UserWarning, match=r"unknown keys \['gate_kind', 'decode_budget'\]"):
+        assert SeerAttentionConfig.from_dict(values) == SeerAttentionConfig()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from seerattn_hf import SeerAttentionConfig
-from seerattn_hf.gate import SeerGate, pool_blocks, pool_blocks_padded
+from seerattn_hf.blocks import pool_blocks, pool_blocks_padded
+from seerattn_hf.gate import SeerGate
 
 
 def _inv_freq(hidden, theta=10000.0):

@@ -276,9 +276,12 @@ def test_errors_are_clear():
         sa.update_sparsity_config(model, block_size=32)
     with pytest.raises(ValueError, match="density"):
         sa.update_sparsity_config(model, density=1.5)
-    sa.update_sparsity_config(model, selector="streaming", sparsity_method="threshold")
+    # Cross-field rules are checked when the policy is built, before the model changes.
     with pytest.raises(ValueError, match="streaming"):
-        _logits(model, torch.randint(0, 96, (1, 70)))
+        sa.update_sparsity_config(model, selector="streaming", sparsity_method="threshold")
+    assert model.seer_config.selector == "gate"
+    with pytest.raises(AttributeError, match="immutable.*update_sparsity_config"):
+        model.seer_config.density = 7
     with pytest.raises(ValueError, match="needs CUDA"):
         sa.update_sparsity_config(model, selector="gate", backend="triton")
         _logits(model, torch.randint(0, 96, (1, 70)))
@@ -308,3 +311,20 @@ def test_prompts_shorter_than_min_sparse_length_run_dense():
     assert sa.get_sparsity_stats(model)["density"] is None
     _logits(model, long)
     assert sa.get_sparsity_stats(model)["density"] < 1.0
+
+
+def test_update_replaces_the_policy_and_statistics_survive_any_change():
+    model = tiny_model("llama")
+    sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=16, sparsity_method="density", density=0.5))
+    before = model.seer_config
+    ids = torch.randint(0, 96, (1, 70))
+    _logits(model, ids)
+    kept_head = sa.get_sparsity_stats(model)["kept_blocks"]
+    after = sa.update_sparsity_config(model, mask_sharing="kv_group")
+    assert before.mask_sharing == "head" and after.mask_sharing == "kv_group" and after is model.seer_config
+    states = [m.seer_state for m in model.modules() if hasattr(m, "seer_state")]
+    assert all(state.policy is after.policy for state in states)
+    _logits(model, ids)  # per-KV-head masks: counted per query head as before
+    stats = sa.get_sparsity_stats(model)
+    assert stats["causal_blocks"] == 2 * (stats["causal_blocks"] // 2) and stats["kept_blocks"] > kept_head
+    assert 0.0 < stats["density"] <= 1.0

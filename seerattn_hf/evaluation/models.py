@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..embedded import EMBEDDED_MODELS, resolve_model_path  # noqa: F401  (re-exported)
+from ..gate_config import GATE_FIELDS
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -82,8 +83,8 @@ def patch_model(model: nn.Module, gates: str | None = None, **config_fields) -> 
     import seerattn_hf as sa
 
     if gates:
-        fixed = {"block_size"}  # fixed by the trained gates
+        # The trained gates fix their own shape (block size, ...): only policy fields apply.
         return sa.from_pretrained(gates, model=model,
-                                  **{k: v for k, v in config_fields.items() if k not in fixed})
+                                  **{k: v for k, v in config_fields.items() if k not in GATE_FIELDS})
     sa.apply_seer_attention(model, sa.SeerAttentionConfig(**config_fields))
     return model

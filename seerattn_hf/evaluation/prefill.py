@@ -82,19 +82,14 @@ def noop_attention(module, query, key, value, attention_mask, **kwargs):
     return query.transpose(1, 2), None
 
 
-def _register(name: str, function: Callable) -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(name, function)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"])
-
-
 @contextmanager
 def attention_replaced(model: nn.Module, name: str, function: Callable):
-    """Run the model with `function` as its attention function, then restore its own."""
+    """Run the model with `function` as its attention function (receiving the masks of the model's
+    own implementation), then restore its own."""
+    from ..attention_registry import register_attention_function
+
     original = model.config._attn_implementation
-    _register(name, function)
+    register_attention_function(name, function, mask_of=original)
     model.set_attn_implementation(name)
     try:
         yield model
@@ -114,12 +109,12 @@ def instrumented_prefill(model: nn.Module, input_ids: torch.Tensor) -> dict:
 
     Returns seconds: {"total_s", "gate_s", "attention_s" (attention function minus gate), "other_s"}.
     """
-    from transformers import AttentionInterface
+    from ..attention_registry import attention_function
 
     device = input_ids.device
     total, gate, attention = Stopwatch(device), Stopwatch(device), Stopwatch(device)
     original = model.config._attn_implementation
-    inner = AttentionInterface._global_mapping[original]
+    inner = attention_function(original)
 
     def timed(*args, **kwargs):
         started = attention.start()

@@ -1,5 +1,6 @@
 """What one evaluation run computes with: dense attention, or a block selector at one threshold,
-density or coverage. Every method runs through the same patched model and the same kernels."""
+density or coverage. Every method runs through the same patched model and the same kernels; which
+selector accepts which sparsity method is the sparsity policy's rule, not repeated here."""
 
 from __future__ import annotations
 
@@ -7,11 +8,22 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-METHODS = ("dense", "gate", "oracle", "pooled_score", "streaming")
-# streaming ranks blocks by position: only a density (a share of blocks) makes sense for it.
-METHOD_KNOBS = {"gate": ("threshold", "density", "coverage"), "oracle": ("threshold", "density", "coverage"),
-                "pooled_score": ("threshold", "density", "coverage"), "streaming": ("density",)}
-KNOB_SYMBOLS = {"threshold": "t", "density": "d", "coverage": "p"}
+from ..policy import SELECTORS, SPARSITY_METHODS, SparsityPolicy, setting_label
+from ..validation import InvalidSetting
+
+METHODS = ("dense", *SELECTORS)
+
+
+def accepted_sparsity_methods(selector: str) -> list[str]:
+    """The sparsity methods a `SparsityPolicy` accepts with `selector` (streaming: density only)."""
+    accepted = []
+    for method in SPARSITY_METHODS:
+        try:
+            SparsityPolicy(selector=selector, sparsity_method=method)
+        except InvalidSetting:
+            continue
+        accepted.append(method)
+    return accepted
 
 
 @dataclass(frozen=True)
@@ -25,9 +37,13 @@ class AttentionSetting:
 
     @property
     def label(self) -> str:
+        return setting_label(self.method, self.sparsity_method, self.value)
+
+    def policy_changes(self) -> dict:
+        """The sparsity-policy fields this setting sets (empty for dense)."""
         if self.method == "dense":
-            return "dense"
-        return f"{self.method} {KNOB_SYMBOLS[self.sparsity_method]}={self.value:g}"
+            return {}
+        return {"selector": self.method, "sparsity_method": self.sparsity_method, self.sparsity_method: self.value}
 
     def to_dict(self) -> dict:
         return {**asdict(self), "label": self.label}
@@ -35,7 +51,7 @@ class AttentionSetting:
 
 def build_settings(methods: list[str], densities: list[float] = (), thresholds: list[float] = (),
                    coverages: list[float] = ()) -> list[AttentionSetting]:
-    """Every method crossed with every value of the knobs it accepts, in the order given."""
+    """Every method crossed with every value of the sparsity methods it accepts, in the order given."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"methods: expected some of {list(METHODS)}, found {unknown}")
@@ -45,24 +61,23 @@ def build_settings(methods: list[str], densities: list[float] = (), thresholds: 
         if method == "dense":
             settings.append(AttentionSetting("dense"))
             continue
-        knobs = [(knob, value) for knob in METHOD_KNOBS[method] for value in values[knob]]
+        knobs = [(knob, value) for knob in accepted_sparsity_methods(method) for value in values[knob]]
         if not knobs:
             raise ValueError(f"method {method!r} needs at least one of "
-                             f"{['--' + knob + 's' for knob in METHOD_KNOBS[method]]}")
+                             f"{['--' + knob + 's' for knob in accepted_sparsity_methods(method)]}")
         settings.extend(AttentionSetting(method, knob, float(value)) for knob, value in knobs)
     return settings
 
 
 def apply_setting(model: nn.Module, setting: AttentionSetting) -> None:
-    """Switch a patched model to `setting` (no re-patching: the selector is read at each forward)."""
+    """Switch a patched model to `setting` (no re-patching: the policy is read at each forward)."""
     import seerattn_hf as sa
 
     if setting.method == "dense":
         sa.set_attention_mode(model, "dense")
         return
     sa.set_attention_mode(model, "sparse")
-    sa.update_sparsity_config(model, selector=setting.method, sparsity_method=setting.sparsity_method,
-                              **{setting.sparsity_method: setting.value})
+    sa.update_sparsity_config(model, **setting.policy_changes())
 
 
 def achieved_density(model: nn.Module, setting: AttentionSetting) -> float | None:

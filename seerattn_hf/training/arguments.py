@@ -246,6 +246,7 @@ def gate_config(arguments: Arguments):
     """The `SeerAttentionConfig` the run trains (sparse-prefill fields at their defaults, threshold from
     the arguments)."""
     from ..config import SeerAttentionConfig
+    from ..validation import InvalidSetting
 
     gate = arguments.gate
     try:
@@ -253,5 +254,5 @@ def gate_config(arguments: Arguments):
                                    q_pooling=gate.q_pooling, k_pooling=gate.k_pooling, layers=gate.layers,
                                    threshold=gate.threshold,
                                    base_model_name_or_path=arguments.model.model_name_or_path)
-    except ValueError as error:
-        raise ValueError(str(error).replace("SeerAttentionConfig.", "--")) from error
+    except InvalidSetting as error:
+        raise ValueError(f"--{error.field}: expected {error.expected}, found {error.found!r}") from None

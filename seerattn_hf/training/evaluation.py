@@ -14,6 +14,7 @@ from ..patching import (
     set_attention_mode,
     update_sparsity_config,
 )
+from ..policy import setting_label
 from .metrics import GateQuality
 
 
@@ -27,7 +28,7 @@ def gate_quality(model: nn.Module, sequences: torch.Tensor, batch_size: int, den
     """
     forward = model if forward is None else forward
     set_attention_mode(model, "distill")
-    quality = GateQuality(model.seer_config, densities, thresholds)
+    quality = GateQuality(model.seer_config.policy, densities, thresholds)
     device = next(model.parameters()).device
     for chunk in sequences.split(batch_size):
         forward(input_ids=chunk.long().to(device), use_cache=False, logits_to_keep=1)
@@ -56,25 +57,26 @@ def perplexity(model: nn.Module, sequences: torch.Tensor, batch_size: int = 1) -
 def sparse_perplexity_report(model: nn.Module, sequences: torch.Tensor, densities, thresholds,
                              batch_size: int = 1, forward: nn.Module | None = None) -> list[dict]:
     """Perplexity with dense attention, then with gate-selected sparse attention at each density and
-    each threshold, with the block density actually computed. Rows: `{"setting", "perplexity", "density"}`.
+    each threshold, with the block density actually computed. Rows: `{"setting", "perplexity", "density"}`,
+    the setting as its label ("dense", "gate d=0.5", "gate t=0.002").
 
     `forward` is the module to call (an accelerate-prepared wrapper of `model`), default `model`.
     The model's sparsity settings are restored and it is left in distillation mode.
     """
     forward = model if forward is None else forward
-    saved = {name: getattr(model.seer_config, name) for name in ("sparsity_method", "density", "threshold")}
+    saved = model.seer_config.policy
     rows = []
     set_attention_mode(model, "dense")
     rows.append({"setting": "dense", "perplexity": perplexity(forward, sequences, batch_size), "density": 1.0})
     set_attention_mode(model, "sparse")
-    settings = [(f"density={d:g}", {"sparsity_method": "density", "density": float(d)}) for d in densities]
-    settings += [(f"threshold={t:g}", {"sparsity_method": "threshold", "threshold": float(t)}) for t in thresholds]
-    for name, changes in settings:
-        update_sparsity_config(model, **changes)
+    settings = [("density", float(d)) for d in densities] + [("threshold", float(t)) for t in thresholds]
+    for method, value in settings:
+        update_sparsity_config(model, selector="gate", sparsity_method=method, **{method: value})
         reset_sparsity_stats(model)
-        value = perplexity(forward, sequences, batch_size)
-        rows.append({"setting": name, "perplexity": value, "density": get_sparsity_stats(model)["density"]})
-    update_sparsity_config(model, **saved)
+        measured = perplexity(forward, sequences, batch_size)
+        rows.append({"setting": setting_label("gate", method, value), "perplexity": measured,
+                     "density": get_sparsity_stats(model)["density"]})
+    update_sparsity_config(model, policy=saved)
     set_attention_mode(model, "distill")
     return rows
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import SeerAttentionConfig
+from ..policy import SparsityPolicy
 from ..selectors import block_density_counts, select_blocks
 
 
@@ -80,11 +80,11 @@ class GateQuality:
     causal blocks a threshold keeps. Rows: every valid query block (none left out, unlike the loss).
     """
 
-    def __init__(self, config: SeerAttentionConfig, densities=(0.5, 0.3, 0.1), thresholds=None):
-        thresholds = [config.threshold] if thresholds is None else thresholds
-        self.selectors = {f"density={d:g}": config.replace(sparsity_method="density", density=float(d))
+    def __init__(self, policy: SparsityPolicy, densities=(0.5, 0.3, 0.1), thresholds=None):
+        thresholds = [policy.threshold] if thresholds is None else thresholds
+        self.selectors = {f"density={d:g}": policy.replace(sparsity_method="density", density=float(d))
                           for d in densities}
-        self.selectors.update({f"threshold={t:g}": config.replace(sparsity_method="threshold", threshold=float(t))
+        self.selectors.update({f"threshold={t:g}": policy.replace(sparsity_method="threshold", threshold=float(t))
                                for t in thresholds})
         self.kl_sum: dict[int, float] = {}
         self.kl_count: dict[int, int] = {}
@@ -101,8 +101,8 @@ class GateQuality:
             self.kl_sum[layer] = self.kl_sum.get(layer, 0.0) + float(kl)
             self.kl_count[layer] = self.kl_count.get(layer, 0) + 1
             probs = record.gate_log_probs.exp()
-            for name, config in self.selectors.items():
-                mask = select_blocks(config, probs, record.row_valid)
+            for name, policy in self.selectors.items():
+                mask = select_blocks(policy, probs, record.row_valid)
                 self.recall_sum[name] += float(block_recall(record.target, mask, record.row_valid))
                 if name in self.kept:
                     self.kept[name] += mask_density(mask, record.row_valid)[0]

@@ -112,7 +112,7 @@ def test_missing_config_file(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--max_steps", "0"], "--max_steps: expected an integer >= 1, found 0"),
-    (["--block_size", "7"], "--block_size: expected an integer from 16 to 128, found 7"),
+    (["--block_size", "7"], r"--block_size: expected one of \[16, 32, 64, 128\], found 7"),
     (["--skip_first_query_blocks_fraction", "1.5"], "--skip_first_query_blocks_fraction"),
     (["--model_dtype", "float64"], "--model_dtype: expected one of"),
     (["--report_to", "nope"], "--report_to: expected names from"),

@@ -92,8 +92,8 @@ def test_outputs_checkpoints_log_and_perplexity_report(tiny_checkpoint, jsonl_co
             "density@threshold=0.05"} <= set(evals[-1]["eval"])
 
     rows = summary["perplexity"]
-    assert [row["setting"] for row in rows] == ["dense", "density=0.5", "density=0.3", "density=0.1",
-                                                "threshold=0.05"]
+    assert [row["setting"] for row in rows] == ["dense", "gate d=0.5", "gate d=0.3", "gate d=0.1",
+                                                "gate t=0.05"]
     assert rows[0]["density"] == 1.0 and 0 < rows[3]["density"] < rows[1]["density"] < 1
     assert "Held-out perplexity" in capsys.readouterr().out
 

@@ -1,0 +1,74 @@
+"""`GateConfig`: the shape of a layer's gate, fixed once gates exist (what a gate adapter saves)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .validation import check, is_integer, reject_unknown
+
+Q_POOLINGS = ("avg", "max", "min")
+K_POOLINGS = ("max", "min", "avg")
+# The kernels tile key blocks with power-of-two widths.
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """What a trained gate file depends on.
+
+    block_size: tokens per block, one of 16, 32, 64, 128.
+    gate_hidden_size: width `h` of the per-head gate projections (even: block RoPE rotates pairs).
+    q_pooling / k_pooling: pooling kinds along the sequence, concatenated on the feature axis.
+    layers: indices of the attention layers that get a gate; None means all.
+    base_model_name_or_path: the model the gates were trained for (a record, not part of the shape).
+    """
+
+    block_size: int = 64
+    gate_hidden_size: int = 128
+    q_pooling: tuple[str, ...] = ("avg",)
+    k_pooling: tuple[str, ...] = ("max", "min", "avg")
+    layers: tuple[int, ...] | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        for name, allowed in (("q_pooling", Q_POOLINGS), ("k_pooling", K_POOLINGS)):
+            kinds = getattr(self, name)
+            check(isinstance(kinds, (list, tuple)) and len(kinds) > 0 and len(set(kinds)) == len(kinds)
+                  and all(isinstance(kind, str) for kind in kinds) and set(kinds) <= set(allowed),
+                  owner, name, f"a non-empty list of distinct values from {list(allowed)}", kinds)
+            object.__setattr__(self, name, tuple(kinds))
+        if self.layers is not None:
+            check(isinstance(self.layers, (list, tuple)) and len(self.layers) > 0
+                  and all(is_integer(i) and i >= 0 for i in self.layers),
+                  owner, "layers", "None or a non-empty list of integer layer indices >= 0", self.layers)
+            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+        check(is_integer(self.block_size) and self.block_size in BLOCK_SIZES, owner, "block_size",
+              f"one of {list(BLOCK_SIZES)}", self.block_size)
+        check(is_integer(self.gate_hidden_size) and self.gate_hidden_size > 0 and self.gate_hidden_size % 2 == 0,
+              owner, "gate_hidden_size", "a positive even integer (block RoPE rotates pairs)", self.gate_hidden_size)
+        check(self.base_model_name_or_path is None or isinstance(self.base_model_name_or_path, str), owner,
+              "base_model_name_or_path", "None or a string", self.base_model_name_or_path)
+
+    @property
+    def shape_fields(self) -> dict[str, Any]:
+        """The fields that fix the gate's parameter shapes (a gate file only fits this shape)."""
+        return {name: getattr(self, name) for name in ("block_size", "gate_hidden_size", "q_pooling", "k_pooling")}
+
+    def replace(self, **changes) -> "GateConfig":
+        reject_unknown(type(self).__name__, changes, field_names(type(self)))
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (lists, not tuples)."""
+        values = dataclasses.asdict(self)
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
+def field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+GATE_FIELDS = field_names(GateConfig)

@@ -1,0 +1,101 @@
+"""`SparsityPolicy`: how block scores become the blocks that sparse attention computes.
+
+Users set it at load time and change it at run time (`update_sparsity_config`); it is immutable and
+validated whole on construction, so a model never holds a policy that would fail mid-forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .gate_config import field_names
+from .validation import InvalidSetting, check, is_integer, is_number, reject_unknown
+
+SELECTORS = ("gate", "oracle", "pooled_score", "streaming")
+SPARSITY_METHODS = ("threshold", "density", "coverage")
+BACKENDS = ("auto", "triton", "torch", "flex")
+MASK_SHARINGS = ("head", "kv_group")
+# The one short form of a setting in tables, logs and results: "gate d=0.3", "oracle t=0.01".
+METHOD_SYMBOLS = {"threshold": "t", "density": "d", "coverage": "p"}
+
+
+@dataclass(frozen=True)
+class SparsityPolicy:
+    """selector: where block scores come from: "gate" (trained gates), "oracle" (the true block
+        max-pooled attention map), "pooled_score" (mean-pooled q.k per block, training free) or
+        "streaming" (first block plus the most recent blocks; ranks by position, so density only).
+    sparsity_method: "threshold" (keep blocks whose probability exceeds `threshold`), "density" (keep
+        the top `density` share of each row's causal blocks) or "coverage" (keep per row the fewest
+        blocks whose probabilities sum to at least `coverage`).
+    keep_first_blocks / keep_recent_blocks: blocks always kept at the start of the sequence and before
+        the diagonal (the diagonal block itself is always kept).
+    dense_last_query_block: compute the last query block densely (the question of a prompt).
+    mask_sharing: "head" (one mask per query head) or "kv_group" (one mask per KV head, shared by its
+        query heads: the kernel then packs a group's heads into one tile).
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch" or "flex".
+    min_sparse_length: prompts shorter than this run dense attention.
+    """
+
+    selector: str = "gate"
+    sparsity_method: str = "threshold"
+    threshold: float = 2e-3
+    density: float = 0.5
+    coverage: float = 0.9
+    keep_first_blocks: int = 0
+    keep_recent_blocks: int = 0
+    dense_last_query_block: bool = False
+    mask_sharing: str = "head"
+    backend: str = "auto"
+    min_sparse_length: int = 0
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        check(self.selector in SELECTORS, owner, "selector", f"one of {list(SELECTORS)}", self.selector)
+        check(self.sparsity_method in SPARSITY_METHODS, owner, "sparsity_method",
+              f"one of {list(SPARSITY_METHODS)}", self.sparsity_method)
+        check(is_number(self.threshold) and 0.0 <= self.threshold < 1.0, owner, "threshold",
+              "a number in [0, 1)", self.threshold)
+        check(is_number(self.density) and 0.0 < self.density <= 1.0, owner, "density",
+              "a number in (0, 1]", self.density)
+        check(is_number(self.coverage) and 0.0 < self.coverage <= 1.0, owner, "coverage",
+              "a number in (0, 1]", self.coverage)
+        for name in ("keep_first_blocks", "keep_recent_blocks", "min_sparse_length"):
+            value = getattr(self, name)
+            check(is_integer(value) and value >= 0, owner, name, "an integer >= 0", value)
+        check(isinstance(self.dense_last_query_block, bool), owner, "dense_last_query_block", "a bool",
+              self.dense_last_query_block)
+        check(self.mask_sharing in MASK_SHARINGS, owner, "mask_sharing", f"one of {list(MASK_SHARINGS)}",
+              self.mask_sharing)
+        check(self.backend in BACKENDS, owner, "backend", f"one of {list(BACKENDS)}", self.backend)
+        if self.selector == "streaming" and self.sparsity_method != "density":
+            raise InvalidSetting(owner, "sparsity_method", "'density' with selector='streaming' (it ranks "
+                                 "blocks by position, not by probability)", self.sparsity_method)
+
+    @property
+    def value(self) -> float:
+        """The value of the active sparsity method (the threshold, density or coverage)."""
+        return getattr(self, self.sparsity_method)
+
+    @property
+    def label(self) -> str:
+        return setting_label(self.selector, self.sparsity_method, self.value)
+
+    def replace(self, **changes) -> "SparsityPolicy":
+        """A validated copy with some fields changed; unknown names raise `ValueError`."""
+        reject_unknown(type(self).__name__, changes, POLICY_FIELDS)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def setting_label(selector: str, sparsity_method: str | None = None, value: float | None = None) -> str:
+    """"dense", or "<selector> <t|d|p>=<value>" (e.g. "gate d=0.3")."""
+    if selector == "dense":
+        return "dense"
+    return f"{selector} {METHOD_SYMBOLS[sparsity_method]}={value:g}"
+
+
+POLICY_FIELDS = field_names(SparsityPolicy)
