@@ -4,8 +4,8 @@ Entry points: `seerattn-train` (console script) and `scripts/train_gates.py`, bo
 """
 
 from .arguments import Arguments, parse_arguments
-from .distill import Trainer, train
 from .metrics import GateQuality, block_recall, distillation_loss, layer_kl
+from .trainer import Trainer, train
 
 __all__ = ["Arguments", "GateQuality", "Trainer", "block_recall", "distillation_loss", "layer_kl",
            "parse_arguments", "train"]

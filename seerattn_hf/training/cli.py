@@ -23,7 +23,7 @@ def run(argv: list[str] | None = None) -> dict:
         arguments = parse_arguments(argv)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"seerattn-train: error: {error}") from None
-    from .distill import train
+    from .trainer import train
 
     return train(arguments)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import seerattn_hf as sa
 from seerattn_hf.training.arguments import parse_arguments
-from seerattn_hf.training.distill import Trainer
+from seerattn_hf.training.trainer import Trainer
 from worker_exit import end_process
 
 

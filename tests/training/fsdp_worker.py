@@ -61,7 +61,7 @@ def record(trainer) -> None:
 
 def main() -> None:
     from seerattn_hf.training.arguments import parse_arguments
-    from seerattn_hf.training.distill import Trainer
+    from seerattn_hf.training.trainer import Trainer
 
     class Checked(Trainer):
         def _finish(self, final_eval):

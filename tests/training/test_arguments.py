@@ -10,7 +10,7 @@ from training_helpers import write_tiny_checkpoint
 from seerattn_hf.training.arguments import build_parser, field_names, parse_arguments
 from seerattn_hf.training.cli import main
 from seerattn_hf.embedded import resolve_model_path
-from seerattn_hf.training.distill import resolve_checkpoint
+from seerattn_hf.training.checkpointing import resolve_checkpoint
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 REQUIRED_FLAGS = ("model_name_or_path", "dataset_name", "data_files", "text_column", "output_dir", "seq_len",
@@ -61,7 +61,7 @@ def test_shipped_configs_parse(name):
 def test_random_weight_model_from_a_config_folder(tmp_path):
     from transformers import AutoConfig
 
-    from seerattn_hf.training.distill import load_model_and_tokenizer
+    from seerattn_hf.training.model_loading import load_model_and_tokenizer
 
     folder = tmp_path / "model"
     write_tiny_checkpoint(folder)
@@ -157,4 +157,4 @@ def test_accelerate_configs_load(name, kind):
     config = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))
     assert config.distributed_type.name == kind
     if kind == "FSDP":
-        assert config.fsdp_config["fsdp_version"] == 2  # FSDP1 cannot train the gates (distill.py)
+        assert config.fsdp_config["fsdp_version"] == 2  # FSDP1 cannot train the gates (trainer.py)

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from training_helpers import tiny_run_args
 
 import seerattn_hf as sa
-from seerattn_hf.training import distill
+from seerattn_hf.training import trainer as training_loop
 from seerattn_hf.training.arguments import parse_arguments
 from seerattn_hf.training.cli import main, run
-from seerattn_hf.training.distill import Trainer
+from seerattn_hf.training.trainer import Trainer
 
 
 def gate_file(folder):
@@ -45,7 +45,7 @@ def test_killed_and_resumed_run_ends_with_the_same_gates(tiny_checkpoint, jsonl_
     run(tiny_run_args(tiny_checkpoint, jsonl_corpus, uninterrupted))
 
     # Kill the second run inside step 5 (2 micro-batches per step), after checkpoint-4 was written.
-    real_loss, calls = distill.distillation_loss, {"n": 0}
+    real_loss, calls = training_loop.distillation_loss, {"n": 0}
 
     def failing_loss(*args, **kwargs):
         calls["n"] += 1
@@ -54,10 +54,10 @@ def test_killed_and_resumed_run_ends_with_the_same_gates(tiny_checkpoint, jsonl_
         return real_loss(*args, **kwargs)
 
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(distill, "distillation_loss", failing_loss)
+    monkeypatch.setattr(training_loop, "distillation_loss", failing_loss)
     with pytest.raises(RuntimeError, match="simulated preemption"):
         run(tiny_run_args(tiny_checkpoint, jsonl_corpus, interrupted))
-    monkeypatch.setattr(distill, "distillation_loss", real_loss)
+    monkeypatch.setattr(training_loop, "distillation_loss", real_loss)
     assert (interrupted / "checkpoints" / "latest").read_text().strip() == "checkpoint-4"
     assert not (interrupted / "seer_gates.safetensors").exists()
 
