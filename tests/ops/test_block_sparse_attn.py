@@ -50,6 +50,14 @@ def make_case(case, dtype=torch.float32, dev="cpu"):
     return q, k, v, idx, count, bs, offsets
 
 
+def assert_matches_reference(o, lse, ref_o, ref_lse, dtype):
+    """A Triton result against the torch reference's, within the relative RMS error its dtype allows."""
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert o.dtype == dtype and o.shape == ref_o.shape
+    assert rel_rms(o, ref_o) < tol
+    assert rel_rms(lse, ref_lse) < tol
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_naive_matches_dense_float64(case):
     q, k, v, idx, count, bs, offsets = make_case(case)
@@ -78,10 +86,7 @@ def test_triton_matches_naive(case, dtype, nan_empty):
     o, lse = triton_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets, return_lse=True)
     ref_o, ref_lse = naive_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets,
                                                   return_lse=True)
-    tol = 1e-5 if dtype == torch.float32 else 3e-3
-    assert o.dtype == dtype and o.shape == ref_o.shape
-    assert rel_rms(o, ref_o) < tol
-    assert rel_rms(lse, ref_lse) < tol
+    assert_matches_reference(o, lse, ref_o, ref_lse, dtype)
 
 
 @pytest.mark.parametrize("case", [CASES[3], CASES[5], CASES[7]], ids=case_id)
@@ -96,6 +101,42 @@ def test_triton_steps_smaller_than_a_block(case, nan_empty):
     assert rel_rms(o, ref_o) < 3e-3 and rel_rms(lse, ref_lse) < 3e-3
 
 
+# (B, T, HQ, HKV, D, block_q, heads_per_tile, block_n, left padding) of the dense mode; None leaves
+# the choice to the launcher (128-row query tiles, one step per tile in the interpreter)
+DENSE_CASES = [
+    (1, 200, 4, 1, 64, None, None, None, False),
+    (2, 77, 4, 2, 32, None, None, None, True),
+    (2, 200, 4, 1, 16, 64, 2, 32, True),  # two query heads per tile, two steps per tile
+    (2, 150, 2, 2, 32, 32, None, 16, True),
+]
+
+
+def dense_case_id(case):
+    B, T, HQ, HKV, D, block_q, heads_per_tile, block_n, pad = case
+    overrides = (("q", block_q), ("GM", heads_per_tile), ("n", block_n))
+    return (f"B{B}-T{T}-HQ{HQ}-HKV{HKV}-D{D}" + "".join(f"-{name}{value}" for name, value in overrides if value)
+            + ("-pad" if pad else ""))
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=dense_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_dense_mode_matches_every_block_kept(case, dtype, nan_empty):
+    """dense=True (the benchmark's dense pass) ignores the block lists and must give the reference's
+    result with every causal block kept."""
+    from seerattn_hf.ops.block_sparse_attn.triton import block_sparse_attn_fwd
+
+    B, T, HQ, HKV, D, block_q, heads_per_tile, block_n, pad = case
+    block_size = 32  # only checked in the dense mode; the reference's lists use it
+    q, k, v = make_qkv(B, HQ, HKV, T, D, dtype, device())
+    offsets = make_offsets(B, T, device()) if pad else None
+    o, lse = block_sparse_attn_fwd(q, k, v, None, None, block_size, seq_offsets=offsets, return_lse=True,
+                                   dense=True, block_q=block_q, heads_per_tile=heads_per_tile, block_n=block_n)
+    idx, count = make_block_lists(B, HKV, T, block_size, 1.0, "full", device=device())
+    ref_o, ref_lse = naive_block_sparse_attention(q, k, v, idx, count, block_size, seq_offsets=offsets,
+                                                  return_lse=True)
+    assert_matches_reference(o, lse, ref_o, ref_lse, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_triton_scores_growing_along_the_row(dtype, nan_empty):
     q, k, v = make_qkv(2, 4, 2, 190, 32, dtype, device())
@@ -104,8 +145,7 @@ def test_triton_scores_growing_along_the_row(dtype, nan_empty):
     offsets = torch.tensor([0, 37], device=device())
     o, lse = triton_block_sparse_attention(q, k, v, idx, count, 16, seq_offsets=offsets, return_lse=True)
     ref_o, ref_lse = naive_block_sparse_attention(q, k, v, idx, count, 16, seq_offsets=offsets, return_lse=True)
-    tol = 1e-5 if dtype == torch.float32 else 3e-3
-    assert rel_rms(o, ref_o) < tol and rel_rms(lse, ref_lse) < tol
+    assert_matches_reference(o, lse, ref_o, ref_lse, dtype)
 
 
 def test_triton_without_lse_and_custom_scale(nan_empty):

@@ -3,15 +3,11 @@
 Each program owns one query block of GM query heads of one KV group: a tile of GM * BLOCK_Q rows
 (GM > 1 only when the heads share one block list, i.e. one mask per KV head), so each K/V tile is read
 once for the GM heads. It walks only its compact list of kept key blocks, BLOCK_N <= block_size key
-rows per step, loaded through tensor descriptors. Kept blocks before the diagonal need no causal mask:
-a binary search over the ascending list finds where they end, so only the diagonal block is masked.
-
-Tried and dropped: steps that gather two kept blocks through per-row pointers (BLOCK_N = 2 * block
-size). Triton 3.6 miscompiled several such configurations on an H200 (wrong results at
-BLOCK_N == block_size and with GM > 1; the interpreter was right), and the descriptor loads were
-faster anyway. The kept-block index of the next step is loaded one step ahead (3-20% faster), and
-the output tile is stored through a tensor descriptor (frees registers: 1.5-3% faster).
-Measurements: docs/kernels.md.
+rows per step, loaded through tensor descriptors (a step never crosses a kept block, so its rows are
+contiguous). Kept blocks before the diagonal need no causal mask: a binary search over the ascending
+list finds where they end, so only the diagonal block is masked. The kept-block index of the next
+step is loaded one step ahead, and the output tile is stored through a tensor descriptor.
+Design notes and measurements: docs/kernels.md.
 
 The same kernel with DENSE=True ignores the lists and attends every causal key: the benchmark's
 measure of what the kernel reaches with dense 128 x 128 tiles.
@@ -19,13 +15,21 @@ measure of what the kernel reaches with dense 128 x 128 tiles.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from ..triton_common import (
+    LOG2E,
+    check_attention_inputs,
+    check_seq_offsets,
+    descriptor_ready,
+    descriptor_scratch,
+    input_precision,
+    interpreting,
+    online_softmax_step,
+    query_tile_count,
+)
 
 
 @triton.jit
@@ -37,23 +41,6 @@ def _step_start(idx_row, step, off, BLOCK_N: tl.constexpr, KBS: tl.constexpr, DE
     else:
         t0 = off + tl.load(idx_row + col0 // KBS) * KBS + col0 % KBS
     return t0
-
-
-@triton.jit
-def _online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, MAY_BE_EMPTY: tl.constexpr,
-                         INPUT_PRECISION: tl.constexpr):
-    """One flash-attention step: s = raw scores of the step (-inf where masked), m_step = its row
-    maxima already scaled (qk_scale > 0, so the max of s times the scale); returns (m, l, acc).
-    MAY_BE_EMPTY: rows may have seen only -inf so far (masked steps), which must not give NaN."""
-    m_new = tl.maximum(m_i, m_step)
-    m_use = m_new
-    if MAY_BE_EMPTY:
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s * qk_scale - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -144,14 +131,13 @@ def block_sparse_attn_fwd_kernel(
     t_next = _step_start(idx_row, 0, off, BLOCK_N, KBS, DENSE)
     for step in range(0, n_steps):
         # the next kept block is read one step ahead, so no bulk copy waits on an index load
-        # (measured 3-20% faster on an H200 than reading it in the step that uses it)
         t0 = t_next
         t_next = _step_start(idx_row, tl.minimum(step + 1, n_steps - 1), off, BLOCK_N, KBS, DENSE)
         k_tile = k_desc.load([t0, 0])
         v_tile = v_desc.load([t0, 0])
         s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
-        m_i, l_i, acc = _online_softmax_step(s, qk_scale, tl.max(s, 1) * qk_scale, m_i, l_i, acc, v_tile,
-                                             False, INPUT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(s, qk_scale, tl.max(s, 1) * qk_scale, m_i, l_i, acc, v_tile,
+                                            False, INPUT_PRECISION)
 
     # the steps of the diagonal block: causal mask, partial last block, rows with nothing kept
     for step in range((n_full * KBS) // BLOCK_N, tl.cdiv(n_end * KBS, BLOCK_N)):
@@ -161,15 +147,14 @@ def block_sparse_attn_fwd_kernel(
         v_tile = v_desc.load([t0, 0])
         s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
         s = tl.where((t_k[None, :] <= t_q[:, None]) & (t_k < T)[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, qk_scale, tl.max(s, 1) * qk_scale, m_i, l_i, acc, v_tile,
-                                             True, INPUT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(s, qk_scale, tl.max(s, 1) * qk_scale, m_i, l_i, acc, v_tile,
+                                            True, INPUT_PRECISION)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     # The output tile leaves through a tensor descriptor over this sequence's [HQ, T, D] view (rows past
-    # T are not written). Per-row output pointers computed before the loops stayed live through them:
-    # 255 registers with spills inside the main loop; with the descriptor only scalars stay live, the
-    # main loop has no spills and the kernel runs 1.5-3% faster (H200, docs/kernels.md).
+    # T are not written): only scalars stay live through the loops, where per-row output pointers
+    # would take the registers the main loop needs and make it spill.
     o_desc = tl.make_tensor_descriptor(o + i_b * stride_ob, shape=[HQ, T, D], strides=[stride_oh, stride_ot, 1],
                                        block_shape=[GM, BLOCK_Q, D])
     o_desc.store([h0, t_start, 0], tl.reshape(acc.to(o.dtype.element_ty), [GM, BLOCK_Q, D]))
@@ -179,51 +164,13 @@ def block_sparse_attn_fwd_kernel(
         tl.store(lse_rows + t_q, row_lse, mask=t_q < T)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def check_attention_inputs(q, k, v, block_size):
-    """Shared argument checks of the Triton attention launchers; returns (B, HQ, HKV, T, D)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"expected q [B, HQ, T, D], k/v [B, HKV, T, D]; found {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    B, HQ, T, D = q.shape
-    HKV = k.shape[1]
-    if k.shape != (B, HKV, T, D) or v.shape != k.shape or HQ % HKV != 0:
-        raise ValueError(f"expected k and v of shape [B={B}, HKV, T={T}, D={D}] with HQ={HQ} a multiple "
-                         f"of HKV; found {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"expected q, k, v of one dtype among float16, bfloat16, float32; found "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.is_cuda or _interpreting()) or k.device != q.device or v.device != q.device:
-        raise ValueError(f"expected q, k, v on one CUDA device (or TRITON_INTERPRET=1); found "
-                         f"{q.device}, {k.device}, {v.device}")
-    if D < 16 or D > 256 or D & (D - 1):
-        raise ValueError(f"expected head_dim a power of two in [16, 256]; found {D}")
-    if block_size < 16 or block_size > 128 or block_size & (block_size - 1):
-        raise ValueError(f"expected block_size a power of two in [16, 128]; found {block_size}")
-    return B, HQ, HKV, T, D
-
-
-def _descriptor_scratch(size, alignment, stream):
-    """Global scratch Triton asks for when a kernel builds tensor descriptors on the device."""
-    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def descriptor_ready(x):
-    """x with a contiguous last dim and 16-byte aligned base and strides (a tensor descriptor's needs)."""
-    aligned = x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1])
-    return x if x.stride(-1) == 1 and aligned else x.contiguous()
-
-
 def default_config(block_q, kv_block, D, G, heads_per_tile_max, dtype):
     """(heads_per_tile, block_n, num_warps, num_stages): measured on an H200 (docs/kernels.md);
     small in the interpreter. kv_block: the largest block_n allowed (the key block size)."""
     gm = 1
     while gm * 2 <= heads_per_tile_max and G % (gm * 2) == 0 and gm * 2 * block_q <= 128:
         gm *= 2
-    if _interpreting():
+    if interpreting():
         return gm, kv_block, 4, 1
     block_n = min(kv_block, 64 if (D > 128 or dtype == torch.float32) else 128)
     if gm * block_q * block_n >= 128 * 128:
@@ -273,14 +220,13 @@ def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=Non
         raise ValueError(f"heads_per_tile must divide G={G} (and be 1 with per-query-head masks); found {gm}")
     if bn & (bn - 1) or not 16 <= bn <= (256 if dense else block_size):
         raise ValueError(f"block_n must be a power of two in [16, {256 if dense else block_size}]; found {bn}")
-    if seq_offsets is not None and tuple(seq_offsets.shape) != (B,):
-        raise ValueError(f"expected seq_offsets [B={B}]; found {tuple(seq_offsets.shape)}")
+    check_seq_offsets(seq_offsets, B)
     scale = D**-0.5 if scale is None else scale
-    triton.set_allocator(_descriptor_scratch)
+    triton.set_allocator(descriptor_scratch)
 
     o = torch.empty(B, T, HQ, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device) if return_lse else o
-    n_qblocks = triton.cdiv(T, block_q) + (1 if seq_offsets is not None else 0)
+    n_qblocks = query_tile_count(T, block_q, seq_offsets)
     grid = (n_qblocks * (G // gm), HKV, B)
     block_sparse_attn_fwd_kernel[grid](
         q, k, v, o, lse, block_idx, block_count, seq_offsets if seq_offsets is not None else o,
@@ -294,7 +240,7 @@ def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=Non
         HQ=HQ, G=G, GM=gm, MASK_PER_QHEAD=mask_per_qhead, D=D, BLOCK_Q=block_q,
         KBS=bn if dense else block_size, BLOCK_N=bn, DENSE=dense,
         HAS_OFFSETS=seq_offsets is not None, RETURN_LSE=return_lse,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION=input_precision(q.dtype),
         num_warps=nw, num_stages=ns,
     )
     return (o, lse) if return_lse else o

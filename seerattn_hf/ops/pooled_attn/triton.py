@@ -6,10 +6,8 @@ of its program. Once a tile's rows are done their log-sum-exp is known, and the 
 max over the rows of a query block of exp(best score - lse), one float per (b, h, i, j); a torch
 division then normalizes each row. The grid is persistent (a few programs per SM walk the tiles,
 heaviest first), so the scratch is [programs, NB, tile rows], not T x NB: extra memory is that plus
-the map itself, [B, HQ, NB, NB].
-
-An earlier design ran dense attention first and recomputed q k^T in a second pass: three matrix
-products instead of two, 1.56-1.62x cuDNN against 1.22-1.24x for this one (docs/kernels.md).
+the map itself, [B, HQ, NB, NB]. Each step computes q k^T once, for the softmax and the map
+alike: two matrix products per step, as in plain attention (design notes: docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -18,13 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_sparse_attn.triton import (
+from ..triton_common import (
     LOG2E,
-    _descriptor_scratch,
-    _interpreting,
-    _online_softmax_step,
     check_attention_inputs,
+    check_seq_offsets,
     descriptor_ready,
+    descriptor_scratch,
+    input_precision,
+    interpreting,
+    online_softmax_step,
+    query_tile_count,
 )
 
 
@@ -102,8 +103,8 @@ def pooled_attn_fused_kernel(
                 v_tile = v_desc.load([t0, 0])
                 s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
                 m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M, BS, SPLIT)
-                m_i, l_i, acc = _online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, False,
-                                                     INPUT_PRECISION)
+                m_i, l_i, acc = online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, False,
+                                                    INPUT_PRECISION)
 
             # steps touching the diagonal: causal mask and the end of the sequence
             for step in range(n_full, tl.cdiv(tile_end, BLOCK_N)):
@@ -114,8 +115,8 @@ def pooled_attn_fused_kernel(
                 s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
                 s = tl.where((t_k[None, :] <= t_q[:, None]) & (t_k < T)[None, :], s, float("-inf"))
                 m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M, BS, SPLIT)
-                m_i, l_i, acc = _online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, True,
-                                                     INPUT_PRECISION)
+                m_i, l_i, acc = online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, True,
+                                                    INPUT_PRECISION)
 
             tl.store(o_rows[:, None] + t_q[:, None] * stride_ot + d[None, :],
                      (acc / l_i[:, None]).to(o.dtype.element_ty), mask=row_ok[:, None])
@@ -159,7 +160,7 @@ def _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M: tl.constexpr, BS
 def fused_config(block_size, D, dtype):
     """(block_q, heads_per_tile, block_n, num_warps, num_stages, programs_per_sm, chunk) of the
     one-pass kernel: measured on an H200 (docs/kernels.md); small in the interpreter."""
-    if _interpreting():
+    if interpreting():
         return block_size, 1, block_size, 4, 1, 1, 4
     block_q = max(block_size, 128)
     if D > 128 or dtype == torch.float32 or block_size > 64:
@@ -177,8 +178,7 @@ def pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, blo
     tests). Returns o and the unnormalized pooled map."""
     B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
     G = HQ // HKV
-    if seq_offsets is not None and tuple(seq_offsets.shape) != (B,):
-        raise ValueError(f"expected seq_offsets [B={B}]; found {tuple(seq_offsets.shape)}")
+    check_seq_offsets(seq_offsets, B)
     bq, gm, bn, nw, ns, per_sm, ch = fused_config(block_size, D, q.dtype)
     bq, gm, bn = block_q or bq, heads_per_tile or gm, block_n or bn
     nw, ns, per_sm, ch = num_warps or nw, num_stages or ns, programs_per_sm or per_sm, chunk or ch
@@ -192,17 +192,17 @@ def pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, blo
     q = q if q.stride(-1) == 1 else q.contiguous()
     k, v = descriptor_ready(k), descriptor_ready(v)
     NB = triton.cdiv(T, block_size)
-    n_qtiles = triton.cdiv(T, bq) + (1 if seq_offsets is not None else 0)
+    n_qtiles = query_tile_count(T, bq, seq_offsets)
     n_tiles = n_qtiles * B * HKV * (G // gm)
     if num_programs is None:
-        sms = 3 if _interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = 3 if interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
         num_programs = sms * per_sm
     num_programs = min(num_programs, n_tiles)
     o = torch.empty(B, T, HQ, D, dtype=q.dtype, device=q.device)
     pooled = torch.zeros(B, HQ, NB, NB, dtype=torch.float32, device=q.device)
     scratch_blocks = triton.cdiv(T, bn) * (bn // block_size)  # whole steps: the last may pass NB
     scratch = torch.empty(num_programs, scratch_blocks, gm * bq, dtype=torch.float32, device=q.device)
-    triton.set_allocator(_descriptor_scratch)
+    triton.set_allocator(descriptor_scratch)
     pooled_attn_fused_kernel[(num_programs,)](
         q, k, v, o, pooled, scratch, seq_offsets if seq_offsets is not None else o,
         q.stride(0), q.stride(1), q.stride(2),
@@ -212,7 +212,7 @@ def pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, blo
         T, NB, n_qtiles, scratch_blocks, scale * LOG2E,
         B=B, HQ=HQ, G=G, GM=gm, D=D, BLOCK_Q=bq, BS=block_size, BLOCK_N=bn,
         CHUNK=ch, HAS_OFFSETS=seq_offsets is not None,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION=input_precision(q.dtype),
         num_warps=nw, num_stages=ns,
     )
     return o, pooled
