@@ -20,6 +20,7 @@ from .embedded import resolve_model_path
 from .gate_config import GATE_FIELDS
 from .patching import (
     apply_seer_attention,
+    causal_lm,
     is_patched,
     patched_attention_modules,
     remove_seer_attention,
@@ -36,7 +37,7 @@ LAYOUT_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_ke
 
 def model_layout(model: nn.Module) -> dict:
     """The base-model facts a gate file depends on."""
-    config = model.config
+    config = causal_lm(model).config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
             "num_attention_heads": config.num_attention_heads,
@@ -69,12 +70,25 @@ def _model_card(config: SeerAttentionConfig, layout: dict) -> str:
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
+def _is_our_model_card(path: Path) -> bool:
+    """Whether README.md at `path` is a card this library wrote (its metadata names the library)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(path).data.to_dict().get("library_name") == LIBRARY_NAME
+    except Exception:  # not a model card at all: someone else's README
+        return False
+
+
 def save_gates(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the gate adapter of a patched model to folder `path` (created if needed).
 
     Files: `seer_gates.safetensors`, `seer_config.json` (the SeerAttentionConfig, the library version
-    and the base model's layout) and a `README.md` model card. Each file is written atomically.
+    and the base model's layout) and a `README.md` model card. Each file is written atomically. A
+    README.md that this library did not write is left as it is. `model` may be a PEFT model or
+    another wrapper.
     """
+    model = causal_lm(model)
     require_patched(model)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,8 +98,18 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> Path:
         save_file(gate_state_dict(model), temporary, metadata={"format": "pt", "library": LIBRARY_NAME})
     config.replace(layers=layers).save_json(folder / CONFIG_NAME,
                                             extra={"library_version": __version__, "base_model_layout": layout})
-    atomic_write_text(folder / "README.md", _model_card(config, layout))
+    card = folder / "README.md"
+    if card.exists() and not _is_our_model_card(card):
+        warnings.warn(f"{card} exists and was not written by {LIBRARY_NAME}: left unchanged (no model card written)",
+                      stacklevel=2)
+    else:
+        atomic_write_text(card, _model_card(config, layout))
     return folder
+
+
+def _looks_like_a_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else can only be meant as a local path.
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _resolve_folder(path_or_hub_id: str | os.PathLike, revision: str | None, cache_dir, token,
@@ -94,11 +118,21 @@ def _resolve_folder(path_or_hub_id: str | os.PathLike, revision: str | None, cac
         return Path(path_or_hub_id)
     if os.path.exists(path_or_hub_id) or str(path_or_hub_id).endswith((".json", ".safetensors")):
         raise ValueError(f"expected a gate adapter folder or a Hub repo id, found the file {path_or_hub_id!r}")
+    if isinstance(path_or_hub_id, os.PathLike) or _looks_like_a_path(str(path_or_hub_id)):
+        raise FileNotFoundError(f"expected a gate adapter folder at {str(path_or_hub_id)!r}, found no such folder")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
 
-    return Path(snapshot_download(str(path_or_hub_id), revision=revision, cache_dir=cache_dir, token=token,
-                                  local_files_only=local_files_only,
-                                  allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"]))
+    try:
+        return Path(snapshot_download(str(path_or_hub_id), revision=revision, cache_dir=cache_dir, token=token,
+                                      local_files_only=local_files_only,
+                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"]))
+    except HFValidationError as error:
+        raise ValueError(f"expected a gate adapter folder or a Hub repo id ('owner/name'), found {path_or_hub_id!r}, "
+                         f"which is neither a folder here nor a valid repo id ({error})") from None
+    except OSError as error:  # not found on the Hub, not cached offline, no connection
+        raise FileNotFoundError(f"{path_or_hub_id!r} is neither a folder here nor a Hub repo that could be reached "
+                                f"({type(error).__name__}: {error})") from error
 
 
 def _read_adapter_config(folder: Path) -> tuple[SeerAttentionConfig, dict]:
@@ -131,23 +165,50 @@ def _check_layout(model: nn.Module, layout: dict, source: Path) -> None:
         raise ValueError(f"the gates in {source} were trained for another model ({'; '.join(differences)})")
 
 
-def load_gate_weights(model: nn.Module, folder: str | os.PathLike) -> None:
-    """Load `seer_gates.safetensors` into a patched model, checking keys and shapes strictly."""
-    weights_path = Path(folder) / WEIGHTS_NAME
+def _stored_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a safetensors file, read from its header (no tensor is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
     if not weights_path.is_file():
-        raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}")
-    loaded = load_file(str(weights_path))
-    expected = {key: tensor for attention in patched_attention_modules(model)
-                for key, tensor in gate_tensors(attention).items()}
-    missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
+        raise FileNotFoundError(f"{weights_path.parent} holds no {WEIGHTS_NAME}")
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({error})") from error
+
+
+def expected_gate_shapes(config: SeerAttentionConfig, layout: dict) -> dict[str, tuple[int, ...]]:
+    """The gate tensors (name -> shape) that gates of `config` have in a model of `layout`."""
+    layers = config.layers if config.layers is not None else range(layout["num_hidden_layers"])
+    head_dim, hidden = layout["head_dim"], config.gate_hidden_size
+    shapes = {}
+    for i in layers:
+        shapes[f"layers.{i}.q_weight"] = (layout["num_attention_heads"], head_dim * len(config.q_pooling), hidden)
+        shapes[f"layers.{i}.k_weight"] = (layout["num_key_value_heads"], head_dim * len(config.k_pooling), hidden)
+    return shapes
+
+
+def check_gate_file(weights_path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise `ValueError` unless the file holds exactly the `expected` tensors, with their shapes."""
+    stored = _stored_shapes(weights_path)
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match the gated layers: missing {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}")
-    wrong = [f"{key}: file {tuple(loaded[key].shape)}, model {tuple(expected[key].shape)}"
-             for key in expected if loaded[key].shape != expected[key].shape]
+    wrong = [f"{key}: file {stored[key]}, model {expected[key]}" for key in expected if stored[key] != expected[key]]
     if wrong:
         raise ValueError(f"{weights_path} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
+
+
+def load_gate_weights(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Load `seer_gates.safetensors` into a patched model, checking keys and shapes strictly."""
+    weights_path = Path(folder) / WEIGHTS_NAME
+    expected = {key: tensor for attention in patched_attention_modules(model)
+                for key, tensor in gate_tensors(attention).items()}
+    check_gate_file(weights_path, {key: tuple(tensor.shape) for key, tensor in expected.items()})
+    loaded = load_file(str(weights_path))
     with torch.no_grad():
         for key, tensor in expected.items():
             tensor.copy_(loaded[key])
@@ -168,6 +229,10 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
     if fixed:
         raise ValueError(f"{fixed} are fixed by the saved gates and cannot be overridden at load time")
     config = config.replace(**overrides)
+    weights_path = folder / WEIGHTS_NAME
+    layout_known = set(LAYOUT_KEYS) <= set(layout)
+    if layout_known:  # checked before any base-model weight is loaded
+        check_gate_file(weights_path, expected_gate_shapes(config, layout))
     if model is None:
         if not config.base_model_name_or_path:
             raise ValueError(f"{folder / CONFIG_NAME} names no base model; pass model=")
@@ -176,16 +241,19 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
         path, gguf_file = resolve_model_path(config.base_model_name_or_path)
         model_kwargs = {**({"gguf_file": gguf_file} if gguf_file else {}), **(model_kwargs or {})}
         model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+    wrapper, model = model, causal_lm(model)
     _check_layout(model, layout, folder)
     if is_patched(model):
         raise ValueError("the model already has SeerAttention gates; call remove_seer_attention first")
+    if not layout_known:  # checked before any gate exists
+        check_gate_file(weights_path, expected_gate_shapes(config, model_layout(model)))
     apply_seer_attention(model, config)
     try:
         load_gate_weights(model, folder)
     except Exception:
         remove_seer_attention(model)
         raise
-    return model
+    return wrapper
 
 
 def push_gates_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None, token: str | None = None,

@@ -60,6 +60,22 @@ def _dense_attention_function(original: str, spec: ArchitectureSpec) -> Callable
     return spec.eager_attention() if original == "eager" else attention_function(original)
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model that `model` wraps: through DDP / FSDP / torch.compile wrappers
+    (accelerate's unwrapping) and a PEFT model (its base model, adapters injected), or `model` itself."""
+    from accelerate.utils import extract_model_from_parallel
+
+    for _ in range(4):  # a PEFT model inside DDP, and the like
+        inner = extract_model_from_parallel(model)
+        get_base_model = getattr(type(inner), "get_base_model", None)
+        if callable(get_base_model):
+            inner = inner.get_base_model()
+        if inner is model:
+            return model
+        model = inner
+    return model
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = getattr(model, "base_model", model)
     layers = getattr(base, "layers", None)
@@ -70,11 +86,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def patched_attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention modules that carry a gate, in layer order."""
-    return [module for module in model.modules() if hasattr(module, "seer_state")]
+    return [module for module in causal_lm(model).modules() if hasattr(module, "seer_state")]
 
 
 def is_patched(model: nn.Module) -> bool:
-    return hasattr(model, "seer_config")
+    return "seer_config" in vars(causal_lm(model))
 
 
 def _architecture(model: nn.Module) -> ArchitectureSpec:
@@ -113,6 +129,21 @@ def _target_layers(model: nn.Module, gate_config: GateConfig) -> list[int]:
     return layers
 
 
+def _gate_device(attention: nn.Module, spec: ArchitectureSpec, layer_idx: int) -> torch.device:
+    """Where the gate of one layer lives: beside its layer's weights, or, for a layer that accelerate
+    offloads (weights on `meta`, brought in by a hook for each forward), on the hook's execution device."""
+    source = getattr(attention, spec.query_source)
+    device = source.weight.device
+    if device.type != "meta":
+        return device
+    execution_device = getattr(getattr(source, "_hf_hook", None), "execution_device", None)
+    if execution_device is None:
+        raise ValueError(f"layer {layer_idx}: the weights of {spec.query_source} are on the meta device and no "
+                         "accelerate hook loads them (a model built under init_empty_weights?); load the weights "
+                         "(from_pretrained, or accelerate's load_checkpoint_and_dispatch) before adding gates")
+    return torch.device("cuda", execution_device) if isinstance(execution_device, int) else torch.device(execution_device)
+
+
 def _capture_hook(state: SeerLayerState, attribute: str, head_dim: int):
     def hook(_module, _inputs, output):
         if state.needs_gate_inputs:
@@ -129,6 +160,7 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
     default policy). Raises `ValueError` for an unsupported `model_type`, an attention implementation
     other than sdpa/eager, or a model that is already patched; the model is then left unchanged.
     """
+    wrapper, model = model, causal_lm(model)
     if config is None:
         config = SeerAttentionConfig()
     elif isinstance(config, GateConfig):
@@ -150,16 +182,17 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
     num_heads, num_kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
     inv_freq, rope_scaling = _gate_rope(model, gate_config.gate_hidden_size)
     dense_attention = _dense_attention_function(original, spec)
+    devices = {i: _gate_device(decoder_layers(model)[i].self_attn, spec, i) for i in layers}
     registered_name = _registered_name(original)
 
+    # Everything is checked: from here on the model changes.
     for layer in decoder_layers(model):
         layer.self_attn.seer_dense_attention = dense_attention
     for layer_idx in layers:
         attention = decoder_layers(model)[layer_idx].self_attn
         head_dim = attention.head_dim
-        anchor = getattr(attention, spec.query_source).weight
         gate = SeerGate(num_heads, num_kv_heads, head_dim, gate_config, inv_freq, rope_scaling)
-        attention.seer_gate = gate.to(device=anchor.device)
+        attention.seer_gate = gate.to(device=devices[layer_idx])
         state = SeerLayerState(layer_idx, gate_config.block_size, config.policy)
         state.hooks = [
             getattr(attention, spec.query_source).register_forward_hook(_capture_hook(state, "captured_query", head_dim)),
@@ -169,12 +202,18 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
 
     model.seer_config = config
     model.seer_original_attn_implementation = original
+    # `save_pretrained` writes the base model alone (plain transformers reloads it); gates go through save_gates.
+    model.seer_original_keys_to_ignore_on_save = model._keys_to_ignore_on_save
+    model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | {
+        name for name, _ in model.named_parameters() if ".seer_gate." in name}
     model.set_attn_implementation(registered_name)
-    return model
+    return wrapper
 
 
 def remove_seer_attention(model: nn.Module) -> nn.Module:
-    """Take the gates and hooks out and restore the model's own attention implementation."""
+    """Take the gates and hooks out and restore the model's own attention implementation
+    (`model` may be a PEFT model or another wrapper; the model it wraps is changed)."""
+    wrapper, model = model, causal_lm(model)
     if not is_patched(model):
         raise ValueError("this model has no SeerAttention gates to remove")
     for attention in patched_attention_modules(model):
@@ -185,8 +224,9 @@ def remove_seer_attention(model: nn.Module) -> nn.Module:
     for layer in decoder_layers(model):
         del layer.self_attn.seer_dense_attention
     model.set_attn_implementation(model.seer_original_attn_implementation)
-    del model.seer_config, model.seer_original_attn_implementation
-    return model
+    model._keys_to_ignore_on_save = model.seer_original_keys_to_ignore_on_save
+    del model.seer_config, model.seer_original_attn_implementation, model.seer_original_keys_to_ignore_on_save
+    return wrapper
 
 
 def require_patched(model: nn.Module) -> list[nn.Module]:
@@ -213,6 +253,7 @@ def update_sparsity_config(model: nn.Module, policy: SparsityPolicy | None = Non
 
     Returns the model's new `seer_config`.
     """
+    model = causal_lm(model)
     require_patched(model)
     fixed = sorted(set(changes) & set(GATE_FIELDS))
     if fixed:

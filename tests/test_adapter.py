@@ -191,3 +191,77 @@ def test_adapter_from_a_newer_release_warns(tmp_path):
     (folder / CONFIG_NAME).write_text(json.dumps(values))
     with pytest.warns(UserWarning, match="written by seerattn_hf 99.0, newer than this"):
         sa.from_pretrained(folder, model=tiny_model("llama"))
+
+
+def test_a_peft_model_saves_and_loads_gates(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model():
+        torch.manual_seed(0)
+        return get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+
+    source = sa.apply_seer_attention(lora_model(), sa.SeerAttentionConfig(block_size=16, gate_hidden_size=16))
+    folder = sa.save_gates(source, tmp_path / "gates")
+    target = sa.from_pretrained(folder, model=lora_model())
+    assert all(torch.equal(a, b) for a, b in zip(sa.gate_parameters(source), sa.gate_parameters(target)))
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        folder = sa.save_gates(_patched(), tmp_path / "gates")
+    finally:
+        os.umask(previous)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
+
+
+def test_a_readme_of_someone_else_is_never_overwritten(tmp_path):
+    folder = tmp_path / "gates"
+    folder.mkdir()
+    (folder / "README.md").write_text("# My project\n")
+    with pytest.warns(UserWarning, match="not written by seerattn_hf"):
+        sa.save_gates(_patched(), folder)
+    assert (folder / "README.md").read_text() == "# My project\n"
+    (folder / "README.md").unlink()
+    sa.save_gates(_patched(), folder)
+    sa.save_gates(_patched(), folder)  # its own card is rewritten without a warning
+    assert "seerattn_hf" in (folder / "README.md").read_text()
+
+
+def test_names_that_are_neither_folder_nor_hub_repo_fail_clearly(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="expected a gate adapter folder at .*found no such folder"):
+        sa.from_pretrained(str(tmp_path / "no" / "such"), model=tiny_model("llama"))
+    with pytest.raises(FileNotFoundError, match="found no such folder"):
+        sa.from_pretrained("./gates-typo", model=tiny_model("llama"))
+    with pytest.raises(ValueError, match="neither a folder here nor a valid repo id"):
+        sa.from_pretrained("not a repo id", model=tiny_model("llama"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="neither a folder here nor a Hub repo that could be reached"):
+        sa.from_pretrained("org/gates-not-cached", model=tiny_model("llama"), local_files_only=True)
+
+
+def test_a_corrupted_safetensors_file_is_named(tmp_path):
+    folder = sa.save_gates(_patched(), tmp_path / "gates")
+    (folder / WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME} is not a readable safetensors file"):
+        sa.from_pretrained(folder, model=model)
+    assert "seer_config" not in vars(model)
+
+
+def test_gate_shapes_are_checked_before_the_gates_exist(tmp_path, monkeypatch):
+    folder = sa.save_gates(_patched(), tmp_path / "gates")
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    tensors["layers.0.q_weight"] = torch.zeros(4, 16, 8)
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+    monkeypatch.setattr("seerattn_hf.adapter.apply_seer_attention",
+                        lambda *a, **k: pytest.fail("gates were allocated before the file was checked"))
+    with pytest.raises(ValueError, match=r"wrong shape: layers.0.q_weight: file \(4, 16, 8\), model \(4, 16, 16\)"):
+        sa.from_pretrained(folder, model=tiny_model("llama"))
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: pytest.fail("the base model was loaded before the gate file was checked"))
+    with pytest.raises(ValueError, match="wrong shape"):
+        sa.from_pretrained(folder)

@@ -328,3 +328,73 @@ def test_update_replaces_the_policy_and_statistics_survive_any_change():
     stats = sa.get_sparsity_stats(model)
     assert stats["causal_blocks"] == 2 * (stats["causal_blocks"] // 2) and stats["kept_blocks"] > kept_head
     assert 0.0 < stats["density"] <= 1.0
+
+
+def _lora_model(model_type="llama"):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    # Random LoRA weights (not the identity init), so that the gates must see the adapted q and k.
+    config = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(tiny_model(model_type), config).eval()
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHITECTURES)
+def test_a_peft_model_is_patched_through_its_base_model(model_type):
+    peft_model = _lora_model(model_type)
+    ids = torch.randint(0, 96, (1, 70))
+    expected = _logits(peft_model, ids)
+    assert sa.apply_seer_attention(peft_model, sa.SeerAttentionConfig(block_size=16, sparsity_method="density",
+                                                                      density=1.0)) is peft_model
+    base = peft_model.get_base_model()
+    assert "seer_config" in vars(base) and len(sa.gate_parameters(peft_model)) == 2 * 2
+    torch.testing.assert_close(_logits(peft_model, ids), expected, rtol=1e-4, atol=1e-4)
+    sa.update_sparsity_config(peft_model, density=0.3)
+    _logits(peft_model, ids)
+    assert sa.get_sparsity_stats(peft_model)["density"] < 1.0
+    sa.remove_seer_attention(peft_model)
+    assert "seer_config" not in vars(base) and not any("seer_gate" in n for n, _ in peft_model.named_parameters())
+    torch.testing.assert_close(_logits(peft_model, ids), expected, rtol=1e-5, atol=1e-5)
+    sa.apply_seer_attention(peft_model)  # and it can be patched again
+
+
+def test_gates_of_a_model_without_weights_fail_clearly():
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_model("llama").config
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="meta device.*init_empty_weights"):
+        sa.apply_seer_attention(empty)
+    assert "seer_config" not in vars(empty) and empty.config._attn_implementation == "sdpa"
+
+
+def test_layers_offloaded_by_accelerate_run_sparse():
+    from accelerate import cpu_offload
+
+    reference = tiny_model("llama")
+    offloaded = tiny_model("llama")
+    offloaded.load_state_dict(reference.state_dict())
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded.model.layers[0].self_attn.q_proj.weight.device.type == "meta"
+    config = sa.SeerAttentionConfig(block_size=16, sparsity_method="density", density=0.4)
+    for model in (reference, offloaded):
+        torch.manual_seed(1)
+        sa.apply_seer_attention(model, config)
+    ids = torch.randint(0, 96, (1, 70))
+    torch.testing.assert_close(_logits(offloaded, ids), _logits(reference, ids), rtol=1e-5, atol=1e-5)
+    assert sa.get_sparsity_stats(offloaded)["density"] == sa.get_sparsity_stats(reference)["density"] < 1.0
+
+
+def test_save_pretrained_writes_the_base_model_alone(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("qwen3")
+    sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=16))
+    model.save_pretrained(tmp_path / "base")
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert info["unexpected_keys"] == set() or not info["unexpected_keys"]
+    assert not info["missing_keys"]
+    sa.remove_seer_attention(model)
+    assert not model._keys_to_ignore_on_save
