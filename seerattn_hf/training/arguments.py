@@ -163,7 +163,13 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"{path}: expected YAML `name: value` pairs, found a syntax error at {where}: {problem}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of `name: value` pairs, found {type(values).__name__}")
     known = field_names()

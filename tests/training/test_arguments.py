@@ -158,3 +158,25 @@ def test_accelerate_configs_load(name, kind):
     assert config.distributed_type.name == kind
     if kind == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2  # FSDP1 cannot train the gates (trainer.py)
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    path = write_yaml(tmp_path, "max_steps: 3\nseq_len: [1, 2\nlearning_rate: 1e-3\n")
+    with pytest.raises(ValueError, match=rf"{path}: expected YAML .* syntax error at line \d+, column \d+"):
+        parse_arguments(["--config", path])
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("layers: [0.0, 1.0]\n", "--layers: expected None or a non-empty list of integer layer indices"),
+    ("q_pooling: avg\n", "--q_pooling: expected a non-empty list of distinct values .*, found .avg.$"),
+])
+def test_gate_fields_of_the_wrong_type_name_the_flag(tmp_path, yaml_text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_arguments(["--config", write_yaml(tmp_path, yaml_text)])
+
+
+def test_a_string_where_layer_indices_belong_is_refused_by_the_parser(tmp_path, capsys):
+    # argparse converts string defaults like command-line values and exits with its own message.
+    with pytest.raises(SystemExit):
+        parse_arguments(["--config", write_yaml(tmp_path, 'layers: "0,1"\n')])
+    assert "--layers: invalid int value: '0,1'" in capsys.readouterr().err
