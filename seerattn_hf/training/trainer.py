@@ -25,7 +25,7 @@ from ..patching import (apply_seer_attention, gate_parameters, patched_attention
                         set_attention_mode)
 from ..utils import atomic_write_text
 from .arguments import Arguments, gate_config
-from .checkpointing import load_checkpoint, load_checkpoint_gates, resolve_checkpoint, save_checkpoint
+from .checkpointing import TrainerState, load_checkpoint, load_checkpoint_gates, resolve_checkpoint, save_checkpoint
 from .data import PackedSequences, epoch_order, prepare_packed_data
 from .evaluation import format_perplexity_report, gate_quality, sparse_perplexity_report
 from .metrics import distillation_loss
@@ -108,23 +108,22 @@ class Trainer:
         # Stepped once per optimizer step by the loop itself (not prepared: accelerate would step it
         # once per process).
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, train.warmup_steps, train.max_steps)
-        accelerator.register_for_checkpointing(self.scheduler)
 
         self.log = JsonLog(self.output_dir / LOG_FILE, accelerator.is_main_process)
         self.step = 0
 
     def save_checkpoint(self) -> Path:
         train = self.arguments.train
-        state = {"step": self.step, "global_batch": self.global_batch, "seq_len": self.arguments.data.seq_len,
-                 "micro_batches_per_process": self.step * train.gradient_accumulation_steps,
-                 "num_processes": self.accelerator.num_processes}
-        return save_checkpoint(self.accelerator, self.output_dir, state, self.model, self.optimizer,
-                               train.save_total_limit)
+        state = TrainerState(step=self.step, global_batch=self.global_batch, seq_len=self.arguments.data.seq_len,
+                             micro_batches_per_process=self.step * train.gradient_accumulation_steps,
+                             num_processes=self.accelerator.num_processes)
+        return save_checkpoint(self.accelerator, self.output_dir, state, self.model, self.optimizer.optimizer,
+                               self.scheduler, train.save_total_limit)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = load_checkpoint(path, self.accelerator, self.model, self.optimizer, self.global_batch,
-                                self.arguments.data.seq_len)
-        self.step = int(state["step"])
+        state = load_checkpoint(path, self.accelerator, self.model, self.optimizer.optimizer, self.scheduler,
+                                self.global_batch, self.arguments.data.seq_len)
+        self.step = state.step
 
     def evaluate(self) -> dict:
         arguments = self.arguments

@@ -34,7 +34,7 @@ def test_two_processes_keep_gates_in_sync(tiny_checkpoint, jsonl_corpus, tmp_pat
     assert result.returncode == 0, result.stderr[-4000:]
     hashes = [(out / f"gates-rank{rank}.txt").read_text().split() for rank in (0, 1)]
     assert hashes[0][0] == "2" and hashes[0] == hashes[1]
-    assert (out / "checkpoints" / "checkpoint-3" / "random_states_1.pkl").is_file()
+    assert (out / "checkpoints" / "checkpoint-3" / "rng_state_1.json").is_file()
 
     # One process with batch 2 reads the same sequences per optimizer step.
     single = tmp_path / "single"

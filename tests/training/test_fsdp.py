@@ -33,9 +33,9 @@ fsdp_config:
   fsdp_state_dict_type: SHARDED_STATE_DICT
   fsdp_offload_params: false
 """
-# What a checkpoint may hold: the trainer's own files and accelerate's scheduler and RNG states.
-CHECKPOINT_FILES = {"gates", "gate_optimizer.pt", "trainer_state.json", "custom_checkpoint_0.pkl",
-                    "random_states_0.pkl", "random_states_1.pkl"}
+# What a checkpoint may hold: safetensors and JSON (checkpointing.py), one RNG state per process.
+CHECKPOINT_FILES = {"gates", "gate_optimizer.safetensors", "gate_optimizer.json", "scheduler.json",
+                    "trainer_state.json", "rng_state_0.json", "rng_state_1.json"}
 
 
 def launch(config: Path, arguments: list[str], port: int) -> None:
@@ -70,8 +70,8 @@ def test_fsdp2_two_processes(tiny_checkpoint, jsonl_corpus, tmp_path):
     for step in (2, 4):
         checkpoint = full / "checkpoints" / f"checkpoint-{step}"
         assert {p.name for p in checkpoint.iterdir()} == CHECKPOINT_FILES
-        optimizer = torch.load(checkpoint / "gate_optimizer.pt", weights_only=True)
-        assert optimizer["state"] and all("seer_gate" in name for name in optimizer["state"])
+        optimizer = load_file(str(checkpoint / "gate_optimizer.safetensors"))
+        assert optimizer and all("seer_gate" in name for name in optimizer)
         size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
         assert size < 200_000, f"checkpoint-{step}: {size} bytes, more than gates and optimizer state"
 
