@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import resource
 from pathlib import Path
 
 import torch
 
+from ..utils import atomic_write_text
 from .arguments import Arguments
+
+logger = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.jsonl"
 
@@ -24,6 +28,25 @@ class JsonLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def drop_records_after(self, step: int) -> None:
+        """Keep the records of steps up to `step` only, rewriting the file atomically: a run resumed from
+        the checkpoint of `step` logs the later steps again. A line that is not a JSON record with a step
+        (one cut off when the run was killed) is dropped with a warning."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or type(record.get("step")) is not int:
+                logger.warning("%s line %d: expected a JSON record with an integer step, found %.80r; dropped",
+                               self.path, number, line)
+            elif record["step"] <= step:
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
 
 
 def tracker_names(report_to: list[str]) -> list[str] | str:

@@ -151,6 +151,7 @@ class Trainer:
         accelerator.init_trackers("seerattn", config=tracker_config(self.arguments))
         if self.resume_path is not None:
             self.load_checkpoint(self.resume_path)
+            self.log.drop_records_after(self.step)  # the steps after the checkpoint are logged again
             loader = accelerator.skip_first_batches(self.loader, self.step * train.gradient_accumulation_steps)
         else:
             loader = self.loader

@@ -20,6 +20,22 @@ def gate_file(folder):
     return load_file(str(folder / "seer_gates.safetensors"))
 
 
+def run_preempted(arguments, monkeypatch, at_loss_call: int) -> None:
+    """Run the trainer and kill it in its `at_loss_call`-th loss computation (one per micro-batch)."""
+    real_loss, calls = training_loop.distillation_loss, {"n": 0}
+
+    def failing_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_loss_call:
+            raise RuntimeError("simulated preemption")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training_loop, "distillation_loss", failing_loss)
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        run(arguments)
+    monkeypatch.setattr(training_loop, "distillation_loss", real_loss)
+
+
 def test_only_gates_train_and_base_weights_stay_bit_identical(tiny_checkpoint, jsonl_corpus, tmp_path):
     trainer = Trainer(parse_arguments(tiny_run_args(tiny_checkpoint, jsonl_corpus, tmp_path / "run",
                                                     max_steps=3, save_steps=0, eval_steps=0)))
@@ -45,19 +61,8 @@ def test_killed_and_resumed_run_ends_with_the_same_gates(tiny_checkpoint, jsonl_
     run(tiny_run_args(tiny_checkpoint, jsonl_corpus, uninterrupted))
 
     # Kill the second run inside step 5 (2 micro-batches per step), after checkpoint-4 was written.
-    real_loss, calls = training_loop.distillation_loss, {"n": 0}
-
-    def failing_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise RuntimeError("simulated preemption")
-        return real_loss(*args, **kwargs)
-
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(training_loop, "distillation_loss", failing_loss)
-    with pytest.raises(RuntimeError, match="simulated preemption"):
-        run(tiny_run_args(tiny_checkpoint, jsonl_corpus, interrupted))
-    monkeypatch.setattr(training_loop, "distillation_loss", real_loss)
+    run_preempted(tiny_run_args(tiny_checkpoint, jsonl_corpus, interrupted), monkeypatch, at_loss_call=9)
     assert (interrupted / "checkpoints" / "latest").read_text().strip() == "checkpoint-4"
     assert not (interrupted / "seer_gates.safetensors").exists()
 
@@ -71,6 +76,20 @@ def test_killed_and_resumed_run_ends_with_the_same_gates(tiny_checkpoint, jsonl_
     resumed_losses = [json.loads(line) for line in (interrupted / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in losses if r.get("step") == 6 and "loss" in r] == \
            [r["loss"] for r in resumed_losses if r.get("step") == 6 and "loss" in r]
+
+
+def test_resumed_run_logs_each_step_once(tiny_checkpoint, jsonl_corpus, tmp_path, monkeypatch):
+    # Killed inside step 6 (2 micro-batches per step): step 5 is logged, checkpoint-4 is the latest.
+    out = tmp_path / "run"
+    run_preempted(tiny_run_args(tiny_checkpoint, jsonl_corpus, out), monkeypatch, at_loss_call=11)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-4"
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5]
+
+    run(tiny_run_args(tiny_checkpoint, jsonl_corpus, out, resume_from_checkpoint="latest"))
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "eval" in r] == [0, 3, 6]
 
 
 def test_outputs_checkpoints_log_and_perplexity_report(tiny_checkpoint, jsonl_corpus, tmp_path, capsys):
