@@ -11,6 +11,10 @@ import torch
 
 from .settings import METHODS, build_settings
 
+DATA_FILES_HELP = ("local files or glob patterns: .txt/.md (one document each), .jsonl/.json (JSON lines or an "
+                   "array of objects), .parquet, each optionally .gz/.bz2/.xz/.zst; default: the embedded held-out "
+                   "Shakespeare plays")
+
 
 def _add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = "embedded:smollm2-135m"):
     group = parser.add_argument_group("model")
@@ -108,9 +112,7 @@ def ppl_parser() -> argparse.ArgumentParser:
                     "coverages. Writes results.json, results.md and ppl_vs_density.png to --output.")
     _add_model_arguments(parser)
     data = parser.add_argument_group("data")
-    data.add_argument("--data_files", nargs="*", default=None,
-                      help="local .txt (one document each), .jsonl/.json (one object per line) or .parquet files; "
-                           "default: the embedded held-out Shakespeare plays")
+    data.add_argument("--data_files", nargs="*", default=None, help=DATA_FILES_HELP)
     data.add_argument("--dataset_name", default=None, help="a Hub dataset (streamed), e.g. emozilla/pg19-test")
     data.add_argument("--dataset_config", default=None)
     data.add_argument("--split", default="test")
@@ -125,18 +127,18 @@ def ppl_parser() -> argparse.ArgumentParser:
 def ppl_main(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
+    from ..documents import load_document_records
     from .perplexity import document_windows, evaluate_perplexity
     from .plots import plot_ppl_vs_density
     from .reports import write_json, write_text
-    from .texts import load_documents
 
     args = _parse(ppl_parser(), argv)
     settings = _settings(args)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     model, tokenizer = _load_patched(args)
-    documents = load_documents(args.data_files, args.dataset_name, args.dataset_config, args.split,
-                               args.text_column, limit=args.num_documents if args.dataset_name else None)
+    documents = load_document_records(args.data_files, args.dataset_name, args.dataset_config, args.split,
+                                       args.text_column, limit=args.num_documents if args.dataset_name else None)
     summary = {"task": "perplexity", **_run_header(args, model), "lengths": args.lengths,
                "documents_too_short": {}, "results": []}
     for length in args.lengths:
@@ -195,8 +197,7 @@ def retrieval_parser() -> argparse.ArgumentParser:
     task.add_argument("--num_samples", type=int, default=2, help="prompts per (task, length, depth)")
     task.add_argument("--num_needles", type=int, default=4, help="needles in niah_multikey (one is asked)")
     task.add_argument("--max_new_tokens", type=int, default=16)
-    task.add_argument("--data_files", nargs="*", default=None,
-                      help="haystack text files (.txt/.jsonl/.parquet); default: the embedded held-out plays")
+    task.add_argument("--data_files", nargs="*", default=None, help="haystack: " + DATA_FILES_HELP)
     task.add_argument("--text_column", default="text")
     task.add_argument("--no_chat_template", action="store_true",
                       help="plain prompt even when the tokenizer has a chat template")
@@ -211,10 +212,10 @@ def retrieval_parser() -> argparse.ArgumentParser:
 def retrieval_main(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
+    from ..documents import load_document_records
     from .plots import plot_retrieval_heatmaps
     from .reports import write_json, write_text
     from .retrieval import PromptBuilder, evaluate_retrieval, haystack_text
-    from .texts import load_documents
 
     args = _parse(retrieval_parser(), argv)
     settings = _settings(args)
@@ -226,8 +227,8 @@ def retrieval_main(argv: list[str] | None = None) -> dict:
     if len(lengths) < len(args.lengths):
         warnings.warn(f"skipping lengths beyond the model's context of {context} tokens: "
                       f"{sorted(set(args.lengths) - set(lengths))}")
-    builder = PromptBuilder(tokenizer, haystack_text(load_documents(args.data_files, text_column=args.text_column)),
-                            use_chat_template=False if args.no_chat_template else None)
+    haystack = haystack_text(load_document_records(args.data_files, text_column=args.text_column))
+    builder = PromptBuilder(tokenizer, haystack, use_chat_template=False if args.no_chat_template else None)
     prompts = [builder.build(task, length, depth, sample, args.num_needles, args.seed)
                for task in args.tasks for length in lengths for depth in args.depths
                for sample in range(args.num_samples)]

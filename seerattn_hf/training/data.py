@@ -7,75 +7,24 @@ next sequence. Every sequence holds exactly `seq_len` tokens; the incomplete tai
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from ..documents import check_text_column, load_document_dataset
 from .arguments import DataArguments
 
 logger = logging.getLogger(__name__)
-
-# datasets builder for each local file kind.
-FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def _builder_for(path: str) -> str:
-    name = path.lower()
-    for compressed in (".gz", ".bz2", ".xz", ".zst"):
-        if name.endswith(compressed):
-            name = name[: -len(compressed)]
-    extension = os.path.splitext(name)[1]
-    if extension not in FILE_BUILDERS:
-        raise ValueError(f"--data_files: expected files ending in {sorted(FILE_BUILDERS)} (optionally "
-                         f"compressed), found {path!r}")
-    return FILE_BUILDERS[extension]
-
-
-def expand_data_files(patterns: list[str]) -> tuple[str, list[str]]:
-    """The `datasets` builder and the files matched by `patterns`; every pattern must match a file."""
-    files = []
-    for pattern in patterns:
-        matched = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matched:
-            raise FileNotFoundError(f"--data_files: no file matches {pattern!r} (working directory {os.getcwd()})")
-        files.extend(matched)
-    builders = {_builder_for(path) for path in files}
-    if len(builders) > 1:
-        raise ValueError(f"--data_files: expected files of one kind, found a mix read by {sorted(builders)}")
-    return builders.pop(), files
-
 
 def load_documents(data: DataArguments, split: str):
     """The documents of one split as a `datasets.Dataset` (or `IterableDataset` when streaming).
 
     `split` is "train" or "test" for the embedded corpus, otherwise a split name of the dataset.
     """
-    import datasets
-
-    if data.dataset_name is None and not data.data_files:
-        from ..data import DEFAULT_CORPUS
-
-        corpus = datasets.load_dataset("json", data_files=str(DEFAULT_CORPUS), split="train")
-        return corpus.filter(lambda record: record["split"] == split)
-    if data.data_files:
-        builder, files = expand_data_files(data.data_files)
-        options = {"sample_by": "document"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=files, split=split, streaming=data.streaming, **options)
-    return datasets.load_dataset(data.dataset_name, data.dataset_config_name, split=split,
+    return load_document_dataset(data.data_files, data.dataset_name, data.dataset_config_name, split,
                                  streaming=data.streaming, revision=data.dataset_revision)
-
-
-def check_text_column(documents, text_column: str) -> None:
-    columns = documents.column_names
-    if columns is None:  # a streamed dataset may only know its columns after the first record
-        first = next(iter(documents), None)
-        columns = list(first) if first is not None else []
-    if text_column not in columns:
-        raise ValueError(f"--text_column: the data has no column {text_column!r}; its columns are {columns}")
 
 
 def iter_texts(documents, text_column: str, batch_size: int) -> Iterator[list[str]]:

@@ -5,9 +5,9 @@ import torch
 from model_factory import smollm2_folder, tiny_model
 
 import seerattn_hf as sa
+from seerattn_hf.documents import load_document_records
 from seerattn_hf.evaluation.models import build_random_model, parse_dtype, resolve_model_path
 from seerattn_hf.evaluation.settings import AttentionSetting, apply_setting, build_settings
-from seerattn_hf.evaluation.texts import load_documents
 
 
 def test_build_settings_crosses_methods_with_their_knobs():
@@ -49,13 +49,14 @@ def test_random_preset_shape_and_dtype():
 
 
 def test_load_documents_local_and_embedded(text_files, tmp_path):
-    documents = load_documents([str(text_files / "play.txt"), str(text_files / "plays.jsonl")], text_column="body")
+    documents = load_document_records([str(text_files / "play.txt"), str(text_files / "plays.jsonl")],
+                                      text_column="body")
     assert len(documents) == 3 and documents[0]["title"] == "play"
-    assert [d["title"] for d in load_documents()] == ["Hamlet", "Macbeth", "Tempest", "Twelfth Night"]
+    assert [d["title"] for d in load_document_records()] == ["Hamlet", "Macbeth", "Tempest", "Twelfth Night"]
     with pytest.raises(ValueError, match="--text_column"):
-        load_documents([str(text_files / "plays.jsonl")])
+        load_document_records([str(text_files / "plays.jsonl")])
     (tmp_path / "array.json").write_text('[{"text": "one"}, {"text": "two", "title": "t"}]', encoding="utf-8")
-    assert [d["title"] for d in load_documents([str(tmp_path / "array.json")])] == ["array:1", "t"]
+    assert [d["title"] for d in load_document_records([str(tmp_path / "array.json")])] == ["array:1", "t"]
 
 
 def test_default_knobs_apply_only_when_none_is_given():

@@ -7,12 +7,12 @@ pytestmark = pytest.mark.slow
 
 def test_perplexity_on_smollm2(smollm2):
     import seerattn_hf as sa
+    from seerattn_hf.documents import load_document_records
     from seerattn_hf.evaluation.perplexity import document_windows, evaluate_perplexity
     from seerattn_hf.evaluation.settings import build_settings
-    from seerattn_hf.evaluation.texts import load_documents
 
     model, tokenizer = smollm2
-    windows, _ = document_windows(tokenizer, load_documents(), 256, num_documents=1)
+    windows, _ = document_windows(tokenizer, load_document_records(), 256, num_documents=1)
     assert windows[0]["title"] == "Hamlet" and windows[0]["input_ids"][0, 0] == tokenizer.bos_token_id
     sa.apply_seer_attention(model, sa.SeerAttentionConfig())
     try:

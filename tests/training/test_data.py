@@ -1,22 +1,21 @@
-"""Data: packing, local files of each kind, the embedded corpus, held-out evaluation, clear errors."""
+"""Data: packing, local files of each kind (read alike by training and evaluation), the embedded corpus,
+held-out evaluation, clear errors."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
+from pathlib import Path
 
 import pytest
 import torch
 from training_helpers import character_tokenizer, random_documents
 
+from seerattn_hf.documents import expand_data_files, load_document_records
 from seerattn_hf.training.arguments import DataArguments
-from seerattn_hf.training.data import (
-    PackedSequences,
-    epoch_order,
-    expand_data_files,
-    load_documents,
-    pack_token_stream,
-    prepare_packed_data,
-)
+from seerattn_hf.training.data import PackedSequences, epoch_order, load_documents, pack_token_stream, prepare_packed_data
 
 EOS, BOS = 2, 1
 
@@ -100,6 +99,48 @@ def test_missing_files_wrong_kind_and_wrong_column(tmp_path):
     data = DataArguments(data_files=files, text_column="text")
     with pytest.raises(ValueError, match=r"no column 'text'; its columns are \['content'\]"):
         prepare_packed_data(data, character_tokenizer(), 1, seed=0)
+
+
+def _write_compressed(path, text: str) -> None:
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    opener = openers.get(path.suffix, open)
+    with opener(path, "wt", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+@pytest.mark.parametrize("name", ["doc.txt", "doc.md", "doc.txt.gz", "docs.jsonl.bz2", "docs.json.xz", "docs.jsonl"])
+def test_training_and_evaluation_read_the_same_file_kinds(tmp_path, name):
+    texts = random_documents(3, seed=3, words=20)
+    lines = [json.dumps({"content": text}) for text in texts]
+    content, column, expected, title = {  # by the kind ending, before any compression ending
+        ".txt": (texts[0], "text", texts[:1], "doc"),  # a plain-text file is one document
+        ".md": (texts[0], "text", texts[:1], "doc"),
+        ".jsonl": ("\n".join(lines) + "\n", "content", texts, "docs:1"),
+        ".json": ("[" + ",".join(lines) + "]", "content", texts, "docs:1"),  # one JSON array
+    }[Path(name).suffixes[0]]
+    _write_compressed(tmp_path / name, content)
+    training = load_documents(DataArguments(data_files=[str(tmp_path / "doc*")], text_column=column), "train")
+    assert training[column] == expected
+    records = load_document_records([str(tmp_path / "doc*")], text_column=column)
+    assert [r["text"] for r in records] == expected and records[0]["title"] == title
+
+
+def test_evaluation_mixes_file_kinds_and_names_what_it_expected(tmp_path):
+    (tmp_path / "a.md").write_text("# a play", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "a line", "title": "B"}) + "\n", encoding="utf-8")
+    records = load_document_records([str(tmp_path / "a.md"), str(tmp_path / "b.jsonl")], text_column="body")
+    assert records == [{"title": "a", "text": "# a play"}, {"title": "B", "text": "a line"}]
+    with pytest.raises(ValueError, match="expected files of one kind"):  # one dataset is read by one builder
+        expand_data_files([str(tmp_path / "*")])
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        load_document_records([str(tmp_path / "missing.txt")])
+    (tmp_path / "table.csv").write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"expected files ending in .* found .*table.csv"):
+        load_document_records([str(tmp_path / "table.csv")])
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n" + json.dumps({"other": "y"}) + "\n",
+                                      encoding="utf-8")
+    with pytest.raises(ValueError, match="expected text in field 'body' of record 2, found None"):
+        load_document_records([str(tmp_path / "c.jsonl")], text_column="body")
 
 
 def test_too_little_text_for_one_sequence(tmp_path):
