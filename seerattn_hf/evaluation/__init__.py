@@ -2,10 +2,10 @@
 with result tables and figures. The scripts in `scripts/` are thin wrappers over `cli`."""
 
 from .models import build_random_model, load_model_and_tokenizer, resolve_model_path
-from .perplexity import document_windows, evaluate_perplexity, token_nll
+from .perplexity import batch_token_nll, document_windows, evaluate_perplexity, token_nll
 from .settings import AttentionSetting, apply_setting, build_settings
 
 __all__ = [
-    "AttentionSetting", "apply_setting", "build_random_model", "build_settings", "document_windows",
+    "AttentionSetting", "apply_setting", "batch_token_nll", "build_random_model", "build_settings", "document_windows",
     "evaluate_perplexity", "load_model_and_tokenizer", "resolve_model_path", "token_nll",
 ]

@@ -38,21 +38,41 @@ def document_windows(tokenizer, documents: list[dict], length: int, num_document
     return windows, too_short
 
 
-@torch.inference_mode()
-def token_nll(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood `[T - 1]` (float32) of tokens 1..T-1 of one sequence `[1, T]`.
+@torch.no_grad()
+def batch_token_nll(model: nn.Module, input_ids: torch.Tensor, forward: nn.Module | None = None) -> torch.Tensor:
+    """Negative log-likelihood `[B, T - 1]` (float32) of tokens 1..T-1 of each sequence of `input_ids` `[B, T]`.
 
-    The decoder runs once; the lm head and the loss run in chunks so the full logits never exist.
+    forward None: the decoder of `model` runs once and the lm head and the loss run in chunks of
+    LOGITS_CHUNK tokens, so the full logits `[B, T, vocab]` never exist.
+    forward given: a wrapper of `model` (accelerate-prepared: DDP, FSDP) called as a whole, and its full
+    logits are used. Its submodules cannot be called on their own: under FSDP2 the root module's forward
+    unshards the parameters the root holds (embeddings, final norm, lm head), so a decoder or lm head
+    called directly would compute with this process's shards only.
+    (no_grad, not inference_mode: this also runs on the trainer's model, and tensors made in inference
+    mode cannot be used by autograd later.)
     """
-    input_ids = input_ids.to(model.device)
-    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[0, :-1]
-    head = model.get_output_embeddings()
-    targets = input_ids[0, 1:]
-    losses = []
-    for start in range(0, hidden.shape[0], LOGITS_CHUNK):
-        logits = head(hidden[start:start + LOGITS_CHUNK]).float()
-        losses.append(F.cross_entropy(logits, targets[start:start + LOGITS_CHUNK], reduction="none"))
-    return torch.cat(losses)
+    input_ids = input_ids.long().to(next(model.parameters()).device)
+    targets = input_ids[:, 1:].reshape(-1)
+    # Rows to score in chunks: hidden states, projected by the lm head chunk by chunk, or logits already.
+    if forward is None:
+        hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        rows, to_logits = hidden.reshape(-1, hidden.shape[-1]), model.get_output_embeddings()
+    else:
+        logits = forward(input_ids=input_ids, use_cache=False).logits[:, :-1]
+        rows, to_logits = logits.reshape(-1, logits.shape[-1]), nn.Identity()
+    losses = [F.cross_entropy(to_logits(rows[start:start + LOGITS_CHUNK]).float(),
+                              targets[start:start + LOGITS_CHUNK], reduction="none")
+              for start in range(0, rows.shape[0], LOGITS_CHUNK)]
+    return torch.cat(losses).view(input_ids.shape[0], -1)
+
+
+def token_nll(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood `[T - 1]` (float32) of tokens 1..T-1 of one sequence `[1, T]`
+    (`batch_token_nll` of its one row)."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"token_nll: expected one sequence [1, T], found shape {list(input_ids.shape)}; "
+                         "use batch_token_nll for several")
+    return batch_token_nll(model, input_ids)[0]
 
 
 def summarize_nll(nlls: list[torch.Tensor]) -> dict:

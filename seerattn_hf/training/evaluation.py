@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..evaluation.perplexity import batch_token_nll
 from ..patching import (
     get_sparsity_stats,
     pop_distill_records,
@@ -37,20 +38,15 @@ def gate_quality(model: nn.Module, sequences: torch.Tensor, batch_size: int, den
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, sequences: torch.Tensor, batch_size: int = 1) -> float:
+def perplexity(model: nn.Module, sequences: torch.Tensor, batch_size: int = 1,
+               forward: nn.Module | None = None) -> float:
     """exp(mean next-token negative log-likelihood) over `sequences` (`[N, T]` token ids).
 
-    `model` is called as is (it may be an accelerate-prepared wrapper)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for chunk in sequences.split(batch_size):
-        input_ids = chunk.long().to(device)
-        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
-        labels = input_ids[:, 1:]
-        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                   reduction="sum"))
-        count += labels.numel()
-    return math.exp(total / count)
+    `forward` is the module to call (an accelerate-prepared wrapper of `model`, called as a whole: see
+    `batch_token_nll`), default `model` with its lm head applied in chunks.
+    """
+    nlls = [batch_token_nll(model, chunk, forward) for chunk in sequences.split(batch_size)]
+    return math.exp(torch.cat(nlls).double().mean().item())
 
 
 @torch.no_grad()
@@ -63,17 +59,16 @@ def sparse_perplexity_report(model: nn.Module, sequences: torch.Tensor, densitie
     `forward` is the module to call (an accelerate-prepared wrapper of `model`), default `model`.
     The model's sparsity settings are restored and it is left in distillation mode.
     """
-    forward = model if forward is None else forward
     saved = model.seer_config.policy
     rows = []
     set_attention_mode(model, "dense")
-    rows.append({"setting": "dense", "perplexity": perplexity(forward, sequences, batch_size), "density": 1.0})
+    rows.append({"setting": "dense", "perplexity": perplexity(model, sequences, batch_size, forward), "density": 1.0})
     set_attention_mode(model, "sparse")
     settings = [("density", float(d)) for d in densities] + [("threshold", float(t)) for t in thresholds]
     for method, value in settings:
         update_sparsity_config(model, selector="gate", sparsity_method=method, **{method: value})
         reset_sparsity_stats(model)
-        measured = perplexity(forward, sequences, batch_size)
+        measured = perplexity(model, sequences, batch_size, forward)
         rows.append({"setting": setting_label("gate", method, value), "perplexity": measured,
                      "density": get_sparsity_stats(model)["density"]})
     update_sparsity_config(model, policy=saved)

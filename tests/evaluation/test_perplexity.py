@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from model_factory import tiny_model
 
 import seerattn_hf as sa
-from seerattn_hf.evaluation.perplexity import evaluate_perplexity, summarize_nll, token_nll
+from seerattn_hf.evaluation import perplexity
+from seerattn_hf.evaluation.perplexity import batch_token_nll, evaluate_perplexity, summarize_nll, token_nll
 from seerattn_hf.evaluation.settings import build_settings
 
 
@@ -19,6 +20,32 @@ def test_token_nll_matches_logits_of_the_unpatched_model():
     sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=16))
     sa.set_attention_mode(model, "dense")
     torch.testing.assert_close(token_nll(model, input_ids), reference)
+
+
+class WholeModelCall(torch.nn.Module):
+    """Stands for an accelerate/FSDP wrapper: it can only be called as a whole (counted)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, **inputs):
+        self.calls += 1
+        return self.model(**inputs)
+
+
+def test_wrapped_forward_and_chunked_lm_head_give_the_same_nll(monkeypatch):
+    model = tiny_model()
+    input_ids = torch.randint(0, 96, (3, 200))
+    monkeypatch.setattr(perplexity, "LOGITS_CHUNK", 64)  # chunks that cross from one sequence to the next
+    chunked = batch_token_nll(model, input_ids)
+    wrapper = WholeModelCall(model)
+    whole = batch_token_nll(model, input_ids, forward=wrapper)
+    assert chunked.shape == (3, 199) and wrapper.calls == 1
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(token_nll(model, input_ids[1:2]), chunked[1])
+    with pytest.raises(ValueError, match=r"expected one sequence \[1, T\], found shape \[3, 200\]"):
+        token_nll(model, input_ids)
 
 
 def test_second_half_covers_predictions_of_positions_from_half_the_window():

@@ -1,4 +1,4 @@
-"""Loss and gate-quality metrics against hand-computed values."""
+"""Loss and gate-quality metrics against hand-computed values; held-out perplexity and its report."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import math
 
 import pytest
 import torch
+from model_factory import tiny_model  # tests/ is on sys.path
 
 from seerattn_hf.attention import DistillRecord
 from seerattn_hf.config import SeerAttentionConfig
+from seerattn_hf.evaluation.perplexity import batch_token_nll
+from seerattn_hf.training.evaluation import perplexity
 from seerattn_hf.training.metrics import (
     GateQuality,
     block_recall,
@@ -105,3 +108,12 @@ def test_density_at_thresholds_by_hand():
     assert result["density@threshold=0.6"] == pytest.approx(4 / 6)
     # recall at 0.6: rows keep {0}, {0, 1}, {2} -> target mass 1, 1, 0.5
     assert result["recall@threshold=0.6"] == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_held_out_perplexity_is_exp_of_the_mean_token_nll():
+    model = tiny_model()
+    sequences = torch.randint(0, 96, (3, 64), dtype=torch.int32)
+    expected = math.exp(batch_token_nll(model, sequences).double().mean().item())
+    # Three sequences in batches of 2 and 1; the model alone (lm head in chunks) and called as a whole.
+    assert perplexity(model, sequences, batch_size=2) == pytest.approx(expected, rel=1e-6)
+    assert perplexity(model, sequences, batch_size=2, forward=model) == pytest.approx(expected, rel=1e-6)
