@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..evaluation.perplexity import batch_token_nll
+from ..evaluation.reports import markdown_table
 from ..patching import (
     get_sparsity_stats,
     pop_distill_records,
@@ -77,8 +78,6 @@ def sparse_perplexity_report(model: nn.Module, sequences: torch.Tensor, densitie
 
 
 def format_perplexity_report(rows: list[dict], title: str) -> str:
-    lines = [title, f"{'attention':<18} {'perplexity':>10} {'density':>8}"]
-    for row in rows:
-        density = "n/a" if row["density"] is None else f"{row['density']:.3f}"
-        lines.append(f"{row['setting']:<18} {row['perplexity']:>10.3f} {density:>8}")
-    return "\n".join(lines)
+    """`title` and the rows of `sparse_perplexity_report` as a markdown table (the evaluation scripts' format)."""
+    table = [[row["setting"], row["perplexity"], row["density"]] for row in rows]
+    return f"{title}\n\n" + markdown_table(["attention", "perplexity", "density"], table)

@@ -11,7 +11,7 @@ from model_factory import tiny_model  # tests/ is on sys.path
 from seerattn_hf.attention import DistillRecord
 from seerattn_hf.config import SeerAttentionConfig
 from seerattn_hf.evaluation.perplexity import batch_token_nll
-from seerattn_hf.training.evaluation import perplexity
+from seerattn_hf.training.evaluation import format_perplexity_report, perplexity
 from seerattn_hf.training.metrics import (
     GateQuality,
     block_recall,
@@ -117,3 +117,11 @@ def test_held_out_perplexity_is_exp_of_the_mean_token_nll():
     # Three sequences in batches of 2 and 1; the model alone (lm head in chunks) and called as a whole.
     assert perplexity(model, sequences, batch_size=2) == pytest.approx(expected, rel=1e-6)
     assert perplexity(model, sequences, batch_size=2, forward=model) == pytest.approx(expected, rel=1e-6)
+
+
+def test_perplexity_report_is_a_markdown_table():
+    rows = [{"setting": "dense", "perplexity": 29.6012, "density": 1.0},
+            {"setting": "gate t=0.01", "perplexity": 30.6149, "density": 0.16721}]
+    assert format_perplexity_report(rows, "Held-out perplexity:").splitlines() == [
+        "Held-out perplexity:", "", "| attention | perplexity | density |", "|---|---|---|",
+        "| dense | 29.6 | 1 |", "| gate t=0.01 | 30.61 | 0.1672 |"]
