@@ -15,7 +15,13 @@ from training_helpers import character_tokenizer, random_documents
 
 from seerattn_hf.documents import expand_data_files, load_document_records
 from seerattn_hf.training.arguments import DataArguments
-from seerattn_hf.training.data import PackedSequences, epoch_order, load_documents, pack_token_stream, prepare_packed_data
+from seerattn_hf.training.data import (
+    PackedSequences,
+    epoch_order,
+    load_documents,
+    pack_token_stream,
+    prepare_packed_data,
+)
 
 EOS, BOS = 2, 1
 
