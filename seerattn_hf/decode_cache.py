@@ -1,0 +1,176 @@
+"""Per-block key summaries that follow a layer's KV cache through `generate()`.
+
+A generated token's decode selector scores the complete key blocks of its sequence from small
+per-block summaries instead of the keys themselves: the decode gate's keys (`[h]` per block and KV
+head, 1/128 of the K/V cache at h = D and 64-token blocks) and, for the Quest bound, the per-block
+elementwise max and min of the keys.
+
+Summaries are derived data. Each attention call refreshes the blocks its new tokens touch, from the
+keys in the cache (the cache holds post-RoPE keys; the gate's pre-RoPE keys are recovered by undoing
+the rotation exactly). So the open block is rewritten at every step and is final when it completes,
+and a cropped cache needs nothing: blocks past the new length are rewritten before they are read
+again. Only operations that permute or resize the batch (beam search, `batch_select_indices`, ...)
+must be mirrored: the summaries hang on the cache layer object and its batch methods are wrapped.
+
+Blocks are counted from each sequence's first real token (left padding: `seq_offsets`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decode_gate import SeerDecodeGate, pool_key_blocks
+from .rope import apply_rope
+
+CACHE_ATTRIBUTE = "seer_key_blocks"
+# Cache-layer methods that reorder or resize the batch, mirrored on the summaries.
+BATCH_METHODS = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
+
+
+class KeyBlockCache:
+    """The summaries of one layer's cache. Tensors are allocated on first use, with one spare block
+    slot at the end that takes the writes of blocks that do not exist (every write is a fixed-shape
+    scatter, with no data-dependent control flow).
+
+    `cache_tokens` counts the cache's positions (padding included) and `summarized_tokens` how many of
+    them the summaries account for; both are Python ints kept in step with the cache, so no call reads
+    a tensor back from the device.
+    """
+
+    def __init__(self, block_size: int, cache_tokens: int = 0):
+        self.block_size = block_size
+        self.gate_keys: torch.Tensor | None = None  # [B, HKV, NB + 1, h] float32
+        self.key_max: torch.Tensor | None = None  # [B, HKV, NB + 1, D] the cache's dtype
+        self.key_min: torch.Tensor | None = None
+        self.cache_tokens = cache_tokens
+        self.summarized_tokens = 0
+
+    # -- following the cache ------------------------------------------------------------------
+
+    def _tensors(self):
+        return [name for name in ("gate_keys", "key_max", "key_min") if getattr(self, name) is not None]
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        for name in self._tensors():
+            tensor = getattr(self, name)
+            setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for name in self._tensors():
+            setattr(self, name, getattr(self, name)[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for name in self._tensors():
+            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def cropped(self, cache_tokens: int) -> None:
+        """The cache now holds `cache_tokens` positions; summaries of blocks past them are stale."""
+        self.cache_tokens = cache_tokens
+        self.summarized_tokens = min(self.summarized_tokens, cache_tokens)
+
+    def reset(self) -> None:
+        self.cache_tokens = self.summarized_tokens = 0
+
+    def count(self, new_tokens: int) -> None:
+        """A call added `new_tokens` positions without refreshing the summaries."""
+        self.cache_tokens += new_tokens
+
+    # -- refreshing --------------------------------------------------------------------------
+
+    def _storage(self, name: str, shape: tuple[int, ...], dtype, device) -> torch.Tensor:
+        """The tensor `name` with room for `shape[2] - 1` blocks, grown (contents kept) when needed."""
+        tensor = getattr(self, name)
+        if tensor is None or tensor.shape[0] != shape[0] or tensor.dtype != dtype or tensor.device != device:
+            tensor = torch.zeros(shape, dtype=dtype, device=device)
+        elif tensor.shape[2] < shape[2]:
+            grown = torch.zeros(shape, dtype=dtype, device=device)
+            grown[:, :, : tensor.shape[2] - 1] = tensor[:, :, :-1]
+            tensor = grown
+        setattr(self, name, tensor)
+        return tensor
+
+    def refresh(self, keys: torch.Tensor, seq_offsets: torch.Tensor, seq_lens: torch.Tensor, new_tokens: int,
+                gate: SeerDecodeGate | None, key_rope: tuple[torch.Tensor, float] | None, quest: bool) -> None:
+        """Account for a call that added `new_tokens` positions: recompute the summaries of every block
+        holding a position not summarized yet.
+
+        keys: `[B, HKV, S, D]` the layer's post-RoPE key cache (S >= the positions in use);
+        seq_offsets / seq_lens: `[B]` leading padding positions and real tokens of each sequence (the
+        new ones included). key_rope: the model's own rope (inverse frequencies, scaling) at head_dim,
+        to recover the gate's pre-RoPE keys. quest: also keep per-block key extremes.
+        """
+        first_position = min(self.summarized_tokens, self.cache_tokens)
+        self.cache_tokens += new_tokens
+        batch, kv_heads, capacity_tokens, dim = keys.shape
+        size = self.block_size
+        capacity = -(-max(capacity_tokens, self.cache_tokens) // size)
+        device = keys.device
+        count = self.cache_tokens - first_position
+        num_blocks = (count + size - 2) // size + 1  # blocks a run of `count` positions can touch
+        first_block = (first_position - seq_offsets).clamp(min=0) // size
+        last_block = (seq_lens - 1).clamp(min=0) // size
+        blocks = first_block[:, None] + torch.arange(num_blocks, device=device)  # [B, R]
+        exists = blocks <= last_block[:, None]
+        positions = blocks[..., None] * size + torch.arange(size, device=device)  # [B, R, BS] from the start
+        valid = exists[..., None] & (positions < seq_lens[:, None, None])
+        cache_index = (positions + seq_offsets[:, None, None]).clamp(max=capacity_tokens - 1)
+        gathered = keys.gather(2, cache_index.view(batch, 1, -1, 1).expand(batch, kv_heads, -1, dim))
+        gathered = gathered.view(batch, kv_heads, num_blocks, size, dim)
+        valid_heads = valid[:, None].expand(batch, kv_heads, num_blocks, size)
+        slot = torch.where(exists, blocks, capacity).view(batch, 1, num_blocks, 1)  # the spare slot for none
+
+        if gate is not None:
+            inv_freq, scaling = key_rope
+            pre_rope = apply_rope(gathered, positions[:, None], inv_freq, scaling, inverse=True)
+            pooled = pool_key_blocks(pre_rope, valid_heads, gate.config.k_pooling)
+            gate_keys = gate.keys(pooled, blocks * size)
+            storage = self._storage("gate_keys", (batch, kv_heads, capacity + 1, gate_keys.shape[-1]),
+                                    torch.float32, device)
+            storage.scatter_(2, slot.expand(-1, kv_heads, -1, gate_keys.shape[-1]), gate_keys)
+        if quest:
+            mask = valid_heads[..., None]
+            high = gathered.masked_fill(~mask, float("-inf")).amax(dim=3)
+            low = gathered.masked_fill(~mask, float("inf")).amin(dim=3)
+            for name, values in (("key_max", high), ("key_min", low)):
+                storage = self._storage(name, (batch, kv_heads, capacity + 1, dim), keys.dtype, device)
+                storage.scatter_(2, slot.expand(-1, kv_heads, -1, dim), values.to(keys.dtype))
+        self.summarized_tokens = self.cache_tokens
+
+
+def _follow(cache_layer) -> None:
+    """Wrap, once, the cache layer's methods that change its batch or length, so that the summaries
+    attached to it follow."""
+    def wrap(name, after):
+        original = getattr(cache_layer, name, None)
+        if original is None:
+            return
+
+        def follow(*args, **kwargs):
+            result = original(*args, **kwargs)
+            summaries = getattr(cache_layer, CACHE_ATTRIBUTE, None)
+            if summaries is not None:
+                after(summaries, *args, **kwargs)
+            return result
+
+        setattr(cache_layer, name, follow)
+
+    for name in BATCH_METHODS:
+        wrap(name, lambda summaries, *args, _name=name, **kwargs: getattr(summaries, _name)(*args, **kwargs))
+    wrap("crop", lambda summaries, *args, **kwargs: summaries.cropped(int(cache_layer.get_seq_length())))
+    wrap("reset", lambda summaries, *args, **kwargs: summaries.reset())
+    cache_layer.seer_followed = True
+
+
+def key_blocks_of(cache_layer, block_size: int, cache_tokens) -> KeyBlockCache:
+    """The `KeyBlockCache` beside a transformers cache layer, attached on first use.
+
+    cache_tokens: positions the cache held before this call (an int, or a callable giving it, called
+    only when the summaries are new).
+    """
+    summaries = getattr(cache_layer, CACHE_ATTRIBUTE, None)
+    if summaries is None or summaries.block_size != block_size:
+        if not getattr(cache_layer, "seer_followed", False):
+            _follow(cache_layer)
+        summaries = KeyBlockCache(block_size, cache_tokens() if callable(cache_tokens) else cache_tokens)
+        setattr(cache_layer, CACHE_ATTRIBUTE, summaries)
+    return summaries

@@ -1,0 +1,101 @@
+"""Decode-time block selection: for each generated token, which KV blocks it reads (one list per
+KV head, shared by the GQA group's query heads).
+
+Candidates are the complete blocks before the token's own block; the token's block is always kept
+(read densely, as its keys are still arriving), the first (sink) block optionally. Scores come from
+the decode gate, the true attention (oracle), the Quest bound or position (streaming), and become
+kept-block lists by a token budget (top `budget / block_size - 1` candidates) or a threshold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DECODE_SELECTORS = ("gate", "oracle", "quest", "streaming")
+DECODE_SPARSITY_METHODS = ("token_budget", "threshold")
+
+
+def candidate_mask(current_block: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """`[B, 1, NB]` bool: the complete blocks before each sequence's current block."""
+    return torch.arange(num_blocks, device=current_block.device)[None, None, :] < current_block[:, None, None]
+
+
+def oracle_scores(query: torch.Tensor, keys: torch.Tensor, seq_offsets: torch.Tensor, seq_lens: torch.Tensor,
+                  block_size: int, num_blocks: int, scale: float) -> torch.Tensor:
+    """The true attention of the new token, max-pooled over each key block and over the GQA group:
+    `[B, HKV, NB]` (the decode distillation target). query: `[B, HQ, D]`; keys: `[B, HKV, S, D]`."""
+    batch, heads, dim = query.shape
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    positions = torch.arange(capacity, device=keys.device)[None, :] - seq_offsets[:, None]  # from the start
+    valid = (positions >= 0) & (positions < seq_lens[:, None])
+    grouped = query.float().view(batch, kv_heads, heads // kv_heads, dim)
+    logits = torch.einsum("bkgd,bksd->bkgs", grouped, keys.float()) * scale
+    probs = logits.masked_fill(~valid[:, None, None], float("-inf")).softmax(dim=-1).amax(dim=2)  # [B, HKV, S]
+    block = (positions.clamp(min=0) // block_size).clamp(max=num_blocks - 1)
+    pooled = probs.new_zeros(batch, kv_heads, num_blocks)
+    index = block[:, None, :].expand(batch, kv_heads, capacity)
+    return pooled.scatter_reduce(2, index, probs.masked_fill(~valid[:, None], 0.0), reduce="amax")
+
+
+def quest_scores(query: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tensor) -> torch.Tensor:
+    """The Quest upper bound of q.k over each block (per channel the larger of q*max and q*min),
+    maxed over the GQA group: `[B, HKV, NB]`. query: `[B, HQ, D]` post-RoPE; key_max/min: `[B, HKV, NB, D]`."""
+    batch, heads, dim = query.shape
+    kv_heads = key_max.shape[1]
+    grouped = query.float().view(batch, kv_heads, heads // kv_heads, 1, dim)
+    bound = torch.maximum(grouped * key_max.float()[:, :, None], grouped * key_min.float()[:, :, None])
+    return bound.sum(dim=-1).amax(dim=2)
+
+
+def streaming_scores(batch: int, kv_heads: int, num_blocks: int, device) -> torch.Tensor:
+    """A ranking by recency: later blocks first."""
+    return torch.arange(num_blocks, device=device, dtype=torch.float32).expand(batch, kv_heads, num_blocks)
+
+
+def decode_block_lists(scores: torch.Tensor, current_block: torch.Tensor, block_size: int, method: str,
+                       token_budget: int, threshold: float, keep_first_block: bool,
+                       probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept-block lists of one decoding step.
+
+    scores: `[B, HKV, NB]` over block slots (higher is better); current_block: `[B]`, each sequence's
+    block holding the new token. probabilities: whether `scores` are logits to soft-max over the
+    candidates (gate) or already a distribution / ranking (for the threshold method: oracle scores are
+    normalised over the candidates). Returns `block_idx: [B, HKV, K]` int32 (the kept blocks first,
+    the current block among them) and `block_count: [B, HKV]` int32.
+    """
+    batch, kv_heads, num_blocks = scores.shape
+    candidates = candidate_mask(current_block, num_blocks)
+    ranked = scores.float().masked_fill(~candidates, float("-inf"))
+    if method == "token_budget":
+        width = min(max(token_budget // block_size - 1, 0), num_blocks)
+        keep_score = ranked
+    else:
+        if probabilities:
+            weights = ranked.softmax(dim=-1)
+        else:
+            weights = ranked.clamp(min=0).masked_fill(~candidates, 0.0)
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+        weights = torch.nan_to_num(weights, nan=0.0)
+        keep_score = torch.where(candidates & (weights > threshold), weights, float("-inf"))
+        width = num_blocks
+    if keep_first_block:
+        first = torch.zeros(num_blocks, dtype=torch.bool, device=scores.device)
+        first[0] = True
+        keep_score = torch.where(first & candidates, float("inf"), keep_score)
+    if width:
+        top, index = keep_score.topk(width, dim=-1)
+        chosen = (top > float("-inf")).sum(dim=-1)  # [B, HKV]
+    else:
+        index = scores.new_zeros(batch, kv_heads, 0, dtype=torch.long)
+        chosen = torch.zeros(batch, kv_heads, dtype=torch.long, device=scores.device)
+    slots = torch.arange(width + 1, device=scores.device)
+    current = current_block[:, None, None].expand(batch, kv_heads, width + 1)
+    padded = torch.cat((index, current[..., :1]), dim=-1)
+    block_idx = torch.where(slots < chosen[..., None], padded, current)
+    return block_idx.to(torch.int32).contiguous(), (chosen + 1).to(torch.int32).contiguous()
+
+
+__all__ = ["DECODE_SELECTORS", "DECODE_SPARSITY_METHODS", "decode_block_lists", "oracle_scores",
+           "quest_scores", "streaming_scores", "candidate_mask"]
