@@ -130,7 +130,7 @@ def ppl_main(argv: list[str] | None = None) -> dict:
     from ..documents import load_document_records
     from .perplexity import document_windows, evaluate_perplexity
     from .plots import plot_ppl_vs_density
-    from .reports import write_json, write_text
+    from .reports import ppl_markdown, write_json, write_text
 
     args = _parse(ppl_parser(), argv)
     settings = _settings(args)
@@ -159,24 +159,6 @@ def ppl_main(argv: list[str] | None = None) -> dict:
     plot_ppl_vs_density(summary["results"], output / "ppl_vs_density.png")
     print(ppl_markdown(summary))
     return summary
-
-
-def ppl_markdown(summary: dict) -> str:
-    from .reports import markdown_table, relative_change
-
-    lines = [f"# Perplexity: {summary['model']}" + (f" with gates {summary['gates']}" if summary["gates"] else ""),
-             "", "Density: share of causal blocks computed (over all layers, heads and rows). "
-             "Second half: tokens at positions L/2 .. L-1 of each window.", ""]
-    for length in sorted({r["length"] for r in summary["results"]}):
-        rows = [r for r in summary["results"] if r["length"] == length]
-        dense = next((r for r in rows if r["method"] == "dense"), None)
-        lines += [f"## {length} tokens, {rows[0]['num_documents']} documents", ""]
-        table = [[r["method"], r["sparsity_method"], r["value"], r["density"], r["ppl"],
-                  relative_change(r["ppl"], dense and dense["ppl"]), r["ppl_second_half"],
-                  relative_change(r["ppl_second_half"], dense and dense["ppl_second_half"])] for r in rows]
-        lines.append(markdown_table(["method", "by", "value", "density", "ppl", "vs dense", "ppl 2nd half",
-                                     "vs dense"], table))
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- retrieval
@@ -214,7 +196,7 @@ def retrieval_main(argv: list[str] | None = None) -> dict:
 
     from ..documents import load_document_records
     from .plots import plot_retrieval_heatmaps
-    from .reports import write_json, write_text
+    from .reports import retrieval_markdown, write_json, write_text
     from .retrieval import PromptBuilder, evaluate_retrieval, haystack_text
 
     args = _parse(retrieval_parser(), argv)
@@ -241,27 +223,6 @@ def retrieval_main(argv: list[str] | None = None) -> dict:
     plot_retrieval_heatmaps(results, output / "retrieval_heatmap.png")
     print(retrieval_markdown(summary))
     return summary
-
-
-def retrieval_markdown(summary: dict) -> str:
-    from .reports import markdown_table
-
-    lines = [f"# Retrieval: {summary['model']}" + (f" with gates {summary['gates']}" if summary["gates"] else ""),
-             "", f"Accuracy averaged over depths {summary['depths']} and {summary['num_samples']} sample(s) each; "
-             "density: share of causal blocks computed in prefill.", ""]
-    for task in dict.fromkeys(r["task"] for r in summary["results"]):
-        rows = [r for r in summary["results"] if r["task"] == task]
-        lengths = sorted({r["length"] for r in rows})
-        table = []
-        for label in dict.fromkeys(r["label"] for r in rows):
-            cells = [r for r in rows if r["label"] == label]
-            by_length = [sum(c["accuracy"] for c in cells if c["length"] == n) /
-                         max(1, sum(1 for c in cells if c["length"] == n)) for n in lengths]
-            densities = [c["density"] for c in cells if c["density"] is not None]
-            table.append([label, sum(densities) / len(densities) if densities else None, *by_length,
-                          sum(c["accuracy"] for c in cells) / len(cells)])
-        lines += [f"## {task}", "", markdown_table(["setting", "density", *map(str, lengths), "mean"], table)]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------- prefill
@@ -297,7 +258,7 @@ def prefill_main(argv: list[str] | None = None) -> dict:
     from .models import build_random_model, load_model_and_tokenizer, patch_model, resolve_device
     from .plots import plot_prefill
     from .prefill import benchmark_prefill
-    from .reports import write_json, write_text
+    from .reports import prefill_markdown, write_json, write_text
 
     parser = prefill_parser()
     args = _parse(parser, argv)
@@ -330,29 +291,3 @@ def prefill_main(argv: list[str] | None = None) -> dict:
     plot_prefill([r for r in results if "ttft_s" in r], output / "prefill.png")
     print(prefill_markdown(summary))
     return summary
-
-
-def prefill_markdown(summary: dict) -> str:
-    from .reports import markdown_table
-
-    name = summary["config_preset"] or summary["model"]
-    lines = [f"# Prefill: {name} ({summary['num_layers']} layers, {summary['dtype']}, {summary['device']})", "",
-             f"Median of {summary['repeats']} prefills after {summary['warmup']} warm-up. No-attention: the same "
-             "prefill with attention replaced by a no-op. Gate / attention / other: one prefill timed inside "
-             "(events around each gate and each attention call; attention excludes the gate).", ""]
-    dense = {r["length"]: r for r in summary["results"] if r["method"] == "dense" and "ttft_s" in r}
-    table = []
-    for r in summary["results"]:
-        if "error" in r:
-            table.append([r["length"], r["label"], *[None] * 9, r["error"][:60]])
-            continue
-        b, reference = r["breakdown"], dense.get(r["length"])
-        speedup = reference["ttft_s"] / r["ttft_s"] if reference else None
-        # The gate's cost against the dense attention it is meant to save (goal: at most 2% at 32k+).
-        gate_share = (f"{100 * b['gate_s'] / reference['breakdown']['attention_s']:.1f}%"
-                      if reference and r["method"] != "dense" and reference["breakdown"]["attention_s"] > 0 else None)
-        table.append([r["length"], r["label"], r["density"], r["ttft_s"], speedup, r["ttft_no_attention_s"],
-                      b["gate_s"], gate_share, b["attention_s"], b["other_s"], None])
-    lines.append(markdown_table(["tokens", "setting", "density", "TTFT s", "speed-up", "no-attention s",
-                                 "gate s", "gate / dense attention", "attention s", "other s", "error"], table))
-    return "\n".join(lines)

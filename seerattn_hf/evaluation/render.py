@@ -10,16 +10,16 @@ from pathlib import Path
 
 def render(folder: str | Path) -> list[Path]:
     """Rewrite results.md and the figure of the run stored in `folder`; returns the files written."""
-    from . import cli, plots
-    from .reports import write_text
+    from . import plots
+    from .reports import prefill_markdown, ppl_markdown, retrieval_markdown, write_text
 
     folder = Path(folder)
     summary = json.loads((folder / "results.json").read_text(encoding="utf-8"))
     task = summary.get("task")
     renderers = {
-        "perplexity": (cli.ppl_markdown, plots.plot_ppl_vs_density, "ppl_vs_density.png"),
-        "retrieval": (cli.retrieval_markdown, plots.plot_retrieval_heatmaps, "retrieval_heatmap.png"),
-        "prefill": (cli.prefill_markdown, plots.plot_prefill, "prefill.png"),
+        "perplexity": (ppl_markdown, plots.plot_ppl_vs_density, "ppl_vs_density.png"),
+        "retrieval": (retrieval_markdown, plots.plot_retrieval_heatmaps, "retrieval_heatmap.png"),
+        "prefill": (prefill_markdown, plots.plot_prefill, "prefill.png"),
     }
     if task not in renderers:
         raise ValueError(f"{folder / 'results.json'}: expected task {sorted(renderers)}, found {task!r}")

@@ -1,4 +1,5 @@
-"""Result files shared by the evaluation scripts: JSON with the run's environment, markdown tables."""
+"""Result files of the evaluation scripts: JSON with the run's environment, and markdown tables
+(`markdown_table`, also the trainer's perplexity report) with the results.md of each script."""
 
 from __future__ import annotations
 
@@ -59,3 +60,72 @@ def relative_change(value: float | None, reference: float | None) -> str | None:
         return None
     change = round(100.0 * (value / reference - 1.0), 1)
     return f"{change + 0.0:+.1f}%"  # + 0.0 turns -0.0 into 0.0
+
+
+# -------------------------------------------------------------------------- results.md of each script
+
+def _title(kind: str, summary: dict) -> str:
+    """The heading of a results.md: what was measured, on which model, with which gates."""
+    return f"# {kind}: {summary['model']}" + (f" with gates {summary['gates']}" if summary["gates"] else "")
+
+
+def ppl_markdown(summary: dict) -> str:
+    """results.md of `eval_ppl`: one table per window length."""
+    lines = [_title("Perplexity", summary), "",
+             "Density: share of causal blocks computed (over all layers, heads and rows). "
+             "Second half: tokens at positions L/2 .. L-1 of each window.", ""]
+    for length in sorted({r["length"] for r in summary["results"]}):
+        rows = [r for r in summary["results"] if r["length"] == length]
+        dense = next((r for r in rows if r["method"] == "dense"), None)
+        lines += [f"## {length} tokens, {rows[0]['num_documents']} documents", ""]
+        table = [[r["method"], r["sparsity_method"], r["value"], r["density"], r["ppl"],
+                  relative_change(r["ppl"], dense and dense["ppl"]), r["ppl_second_half"],
+                  relative_change(r["ppl_second_half"], dense and dense["ppl_second_half"])] for r in rows]
+        lines.append(markdown_table(["method", "by", "value", "density", "ppl", "vs dense", "ppl 2nd half",
+                                     "vs dense"], table))
+    return "\n".join(lines)
+
+
+def retrieval_markdown(summary: dict) -> str:
+    """results.md of `eval_retrieval`: one table per task, accuracy per setting and length."""
+    lines = [_title("Retrieval", summary), "",
+             f"Accuracy averaged over depths {summary['depths']} and {summary['num_samples']} sample(s) each; "
+             "density: share of causal blocks computed in prefill.", ""]
+    for task in dict.fromkeys(r["task"] for r in summary["results"]):
+        rows = [r for r in summary["results"] if r["task"] == task]
+        lengths = sorted({r["length"] for r in rows})
+        table = []
+        for label in dict.fromkeys(r["label"] for r in rows):
+            cells = [r for r in rows if r["label"] == label]
+            by_length = [sum(c["accuracy"] for c in cells if c["length"] == n) /
+                         max(1, sum(1 for c in cells if c["length"] == n)) for n in lengths]
+            densities = [c["density"] for c in cells if c["density"] is not None]
+            table.append([label, sum(densities) / len(densities) if densities else None, *by_length,
+                          sum(c["accuracy"] for c in cells) / len(cells)])
+        lines += [f"## {task}", "", markdown_table(["setting", "density", *map(str, lengths), "mean"], table)]
+    return "\n".join(lines)
+
+
+def prefill_markdown(summary: dict) -> str:
+    """results.md of `bench_prefill`: time to first token per length and setting, with its breakdown."""
+    name = summary["config_preset"] or summary["model"]
+    lines = [f"# Prefill: {name} ({summary['num_layers']} layers, {summary['dtype']}, {summary['device']})", "",
+             f"Median of {summary['repeats']} prefills after {summary['warmup']} warm-up. No-attention: the same "
+             "prefill with attention replaced by a no-op. Gate / attention / other: one prefill timed inside "
+             "(events around each gate and each attention call; attention excludes the gate).", ""]
+    dense = {r["length"]: r for r in summary["results"] if r["method"] == "dense" and "ttft_s" in r}
+    table = []
+    for r in summary["results"]:
+        if "error" in r:
+            table.append([r["length"], r["label"], *[None] * 9, r["error"][:60]])
+            continue
+        b, reference = r["breakdown"], dense.get(r["length"])
+        speedup = reference["ttft_s"] / r["ttft_s"] if reference else None
+        # The gate's cost against the dense attention it is meant to save (goal: at most 2% at 32k+).
+        gate_share = (f"{100 * b['gate_s'] / reference['breakdown']['attention_s']:.1f}%"
+                      if reference and r["method"] != "dense" and reference["breakdown"]["attention_s"] > 0 else None)
+        table.append([r["length"], r["label"], r["density"], r["ttft_s"], speedup, r["ttft_no_attention_s"],
+                      b["gate_s"], gate_share, b["attention_s"], b["other_s"], None])
+    lines.append(markdown_table(["tokens", "setting", "density", "TTFT s", "speed-up", "no-attention s",
+                                 "gate s", "gate / dense attention", "attention s", "other s", "error"], table))
+    return "\n".join(lines)
