@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .settings import METHODS, build_settings
+from .render import REPORTS, write_report
+from .reports import environment, write_json
+from .settings import METHODS, AttentionSetting, build_settings
 
 DATA_FILES_HELP = ("local files or glob patterns: .txt/.md (one document each), .jsonl/.json (JSON lines or an "
                    "array of objects), .parquet, each optionally .gz/.bz2/.xz/.zst; default: the embedded held-out "
@@ -88,19 +92,57 @@ def _sparsity_fields(args) -> dict:
             "backend": args.backend}
 
 
-def _load_patched(args, **extra_fields):
-    from .models import load_model_and_tokenizer, patch_model
-
-    model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file, args.device, _dtype_name(args))
-    patch_model(model, args.gates, **_sparsity_fields(args), **extra_fields)
-    return model, tokenizer
-
-
 def _run_header(args, model) -> dict:
-    from .reports import environment
-
     return {"model": args.model, "gates": args.gates, "dtype": _dtype_name(args), "device": str(model.device),
             "seer_config": model.seer_config.to_dict(), "environment": environment()}
+
+
+@dataclass
+class ScriptRun:
+    """What every evaluation script starts from (made by `_start`)."""
+
+    args: argparse.Namespace
+    settings: list[AttentionSetting]
+    output: Path
+    model: nn.Module
+    tokenizer: object | None  # None for a model built from --config_preset
+    header: dict  # the run's description, first in results.json
+
+
+def _start(parser: argparse.ArgumentParser, argv: list[str] | None, allow_untrained_gate: bool = False,
+           patch_options: tuple[str, ...] = ()) -> ScriptRun:
+    """The start every script shares: parse `argv`, build the attention settings, create the output
+    folder, load the model (or build it from --config_preset, where the script has that option) and
+    patch it with the sparsity arguments and the options named in `patch_options`."""
+    from .models import build_random_model, load_model_and_tokenizer, patch_model
+
+    args = _parse(parser, argv)
+    preset = getattr(args, "config_preset", None)  # only bench_prefill times models with random weights
+    if "config_preset" in vars(args) and (args.model is None) == (preset is None):
+        parser.error("give exactly one of --model and --config_preset")
+    settings = _settings(args, allow_untrained_gate)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    if preset is not None:
+        model, tokenizer = build_random_model(preset, args.device, _dtype_name(args), args.num_layers), None
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file, args.device, _dtype_name(args))
+    patch_model(model, args.gates, **_sparsity_fields(args), **{name: getattr(args, name) for name in patch_options})
+    return ScriptRun(args, settings, output, model, tokenizer, _run_header(args, model))
+
+
+def _save(output: Path, summary: dict, figure: bool = False) -> None:
+    """results.json and results.md (and the figure) of `summary` in `output`. Also called while a run
+    goes on, without the figure: a run stopped at a time limit keeps what it measured."""
+    write_json(output / "results.json", summary)
+    write_report(output, summary, figure=figure)
+
+
+def _finish(output: Path, summary: dict) -> dict:
+    """The end every script shares: write all its outputs, print its results.md, return `summary`."""
+    _save(output, summary, figure=True)
+    print(REPORTS[summary["task"]].markdown(summary))
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------- perplexity
@@ -129,36 +171,25 @@ def ppl_main(argv: list[str] | None = None) -> dict:
 
     from ..documents import load_document_records
     from .perplexity import document_windows, evaluate_perplexity
-    from .plots import plot_ppl_vs_density
-    from .reports import ppl_markdown, write_json, write_text
 
-    args = _parse(ppl_parser(), argv)
-    settings = _settings(args)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = _load_patched(args)
+    run = _start(ppl_parser(), argv)
+    args = run.args
     documents = load_document_records(args.data_files, args.dataset_name, args.dataset_config, args.split,
-                                       args.text_column, limit=args.num_documents if args.dataset_name else None)
-    summary = {"task": "perplexity", **_run_header(args, model), "lengths": args.lengths,
-               "documents_too_short": {}, "results": []}
+                                      args.text_column, limit=args.num_documents if args.dataset_name else None)
+    summary = {"task": "perplexity", **run.header, "lengths": args.lengths, "documents_too_short": {}, "results": []}
     for length in args.lengths:
-        windows, too_short = document_windows(tokenizer, documents, length, args.num_documents)
+        windows, too_short = document_windows(run.tokenizer, documents, length, args.num_documents)
         if too_short:
             summary["documents_too_short"][length] = too_short
         if not windows:
             warnings.warn(f"no document has {length} tokens; skipping that length")
             continue
-        with tqdm(total=len(windows) * len(settings), desc=f"perplexity at {length} tokens", unit="forward") as bar:
-            for row in evaluate_perplexity(model, windows, settings, progress=bar):
+        with tqdm(total=len(windows) * len(run.settings), desc=f"perplexity at {length} tokens",
+                  unit="forward") as bar:
+            for row in evaluate_perplexity(run.model, windows, run.settings, progress=bar):
                 summary["results"].append({"length": length, **row})
-        # Written after every length: a run stopped at a time limit keeps what it measured.
-        write_json(output / "results.json", summary)
-        write_text(output / "results.md", ppl_markdown(summary))
-    write_json(output / "results.json", summary)
-    write_text(output / "results.md", ppl_markdown(summary))
-    plot_ppl_vs_density(summary["results"], output / "ppl_vs_density.png")
-    print(ppl_markdown(summary))
-    return summary
+        _save(run.output, summary)
+    return _finish(run.output, summary)
 
 
 # ----------------------------------------------------------------------------------------------- retrieval
@@ -195,34 +226,26 @@ def retrieval_main(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from ..documents import load_document_records
-    from .plots import plot_retrieval_heatmaps
-    from .reports import retrieval_markdown, write_json, write_text
     from .retrieval import PromptBuilder, evaluate_retrieval, haystack_text
 
-    args = _parse(retrieval_parser(), argv)
-    settings = _settings(args)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = _load_patched(args, dense_last_query_block=args.dense_last_query_block)
-    context = getattr(model.config, "max_position_embeddings", None)
+    run = _start(retrieval_parser(), argv, patch_options=("dense_last_query_block",))
+    args = run.args
+    context = getattr(run.model.config, "max_position_embeddings", None)
     lengths = [n for n in args.lengths if context is None or n <= context]
     if len(lengths) < len(args.lengths):
         warnings.warn(f"skipping lengths beyond the model's context of {context} tokens: "
                       f"{sorted(set(args.lengths) - set(lengths))}")
     haystack = haystack_text(load_document_records(args.data_files, text_column=args.text_column))
-    builder = PromptBuilder(tokenizer, haystack, use_chat_template=False if args.no_chat_template else None)
+    builder = PromptBuilder(run.tokenizer, haystack, use_chat_template=False if args.no_chat_template else None)
     prompts = [builder.build(task, length, depth, sample, args.num_needles, args.seed)
                for task in args.tasks for length in lengths for depth in args.depths
                for sample in range(args.num_samples)]
-    with tqdm(total=len(prompts) * len(settings), desc="retrieval", unit="prompt") as bar:
-        results = evaluate_retrieval(model, tokenizer, prompts, settings, args.max_new_tokens, progress=bar)
-    summary = {"task": "retrieval", **_run_header(args, model), "chat_template": builder.use_chat_template,
+    with tqdm(total=len(prompts) * len(run.settings), desc="retrieval", unit="prompt") as bar:
+        results = evaluate_retrieval(run.model, run.tokenizer, prompts, run.settings, args.max_new_tokens,
+                                     progress=bar)
+    summary = {"task": "retrieval", **run.header, "chat_template": builder.use_chat_template,
                "lengths": lengths, "depths": args.depths, "num_samples": args.num_samples, "results": results}
-    write_json(output / "results.json", summary)
-    write_text(output / "results.md", retrieval_markdown(summary))
-    plot_retrieval_heatmaps(results, output / "retrieval_heatmap.png")
-    print(retrieval_markdown(summary))
-    return summary
+    return _finish(run.output, summary)
 
 
 # ------------------------------------------------------------------------------------------------- prefill
@@ -255,39 +278,18 @@ def _presets():
 def prefill_main(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
-    from .models import build_random_model, load_model_and_tokenizer, patch_model, resolve_device
-    from .plots import plot_prefill
     from .prefill import benchmark_prefill
-    from .reports import prefill_markdown, write_json, write_text
 
-    parser = prefill_parser()
-    args = _parse(parser, argv)
-    if (args.model is None) == (args.config_preset is None):
-        parser.error("give exactly one of --model and --config_preset")
     # Random gates are fine here: only the share of kept blocks matters for speed.
-    settings = _settings(args, allow_untrained_gate=True)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
-    if args.config_preset:
-        model = build_random_model(args.config_preset, device, _dtype_name(args), args.num_layers)
-    else:
-        model, _ = load_model_and_tokenizer(args.model, args.gguf_file, device, _dtype_name(args))
-    patch_model(model, args.gates, **_sparsity_fields(args))
-    header = {**_run_header(args, model), "config_preset": args.config_preset,
-              "num_layers": model.config.num_hidden_layers, "warmup": args.warmup, "repeats": args.repeats}
+    run = _start(prefill_parser(), argv, allow_untrained_gate=True)
+    args = run.args
+    header = {**run.header, "config_preset": args.config_preset, "num_layers": run.model.config.num_hidden_layers,
+              "warmup": args.warmup, "repeats": args.repeats}
 
-    def save(results: list[dict]) -> None:
-        # Written after every length: a run stopped at a time limit keeps what it measured.
-        summary = {"task": "prefill", **header, "results": results}
-        write_json(output / "results.json", summary)
-        write_text(output / "results.md", prefill_markdown(summary))
+    def summary_of(results: list[dict]) -> dict:
+        return {"task": "prefill", **header, "results": results}
 
-    with tqdm(total=len(args.lengths) * len(settings), desc="prefill", unit="point") as bar:
-        results = benchmark_prefill(model, args.lengths, settings, args.warmup, args.repeats,
-                                    on_length_done=save, progress=bar)
-    summary = {"task": "prefill", **header, "results": results}
-    save(results)
-    plot_prefill([r for r in results if "ttft_s" in r], output / "prefill.png")
-    print(prefill_markdown(summary))
-    return summary
+    with tqdm(total=len(args.lengths) * len(run.settings), desc="prefill", unit="point") as bar:
+        results = benchmark_prefill(run.model, args.lengths, run.settings, args.warmup, args.repeats,
+                                    on_length_done=lambda done: _save(run.output, summary_of(done)), progress=bar)
+    return _finish(run.output, summary_of(results))

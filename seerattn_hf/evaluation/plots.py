@@ -95,7 +95,9 @@ def plot_retrieval_heatmaps(results: list[dict], path: str | Path) -> Path | Non
 
 
 def plot_prefill(results: list[dict], path: str | Path) -> Path | None:
-    """Left: time to first token against length per setting (log-log). Right: speed-up over dense."""
+    """Left: time to first token against length per setting (log-log). Right: speed-up over dense.
+    Points that failed (out of memory) hold an "error" instead of timings and are left out."""
+    results = [r for r in results if "ttft_s" in r]
     plt = _pyplot()
     if plt is None:
         return None

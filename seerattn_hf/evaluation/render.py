@@ -5,29 +5,47 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
+
+from .plots import plot_ppl_vs_density, plot_prefill, plot_retrieval_heatmaps
+from .reports import ppl_markdown, prefill_markdown, retrieval_markdown, write_text
+
+
+class Report(NamedTuple):
+    """What a script writes besides results.json: results.md and one figure of its results."""
+
+    markdown: Callable[[dict], str]
+    plot: Callable[[list[dict], Path], Path | None]
+    figure: str
+
+
+REPORTS = {
+    "perplexity": Report(ppl_markdown, plot_ppl_vs_density, "ppl_vs_density.png"),
+    "retrieval": Report(retrieval_markdown, plot_retrieval_heatmaps, "retrieval_heatmap.png"),
+    "prefill": Report(prefill_markdown, plot_prefill, "prefill.png"),
+}
+
+
+def write_report(folder: str | Path, summary: dict, figure: bool = True) -> list[Path]:
+    """Write results.md of the run `summary` into `folder`, and its figure unless `figure` is False;
+    returns the files written (no figure without matplotlib). The scripts end with it, as `render` does."""
+    folder = Path(folder)
+    report = REPORTS[summary["task"]]
+    written = [write_text(folder / "results.md", report.markdown(summary))]
+    drawn = report.plot(summary["results"], folder / report.figure) if figure else None
+    return written + ([drawn] if drawn else [])
 
 
 def render(folder: str | Path) -> list[Path]:
     """Rewrite results.md and the figure of the run stored in `folder`; returns the files written."""
-    from . import plots
-    from .reports import prefill_markdown, ppl_markdown, retrieval_markdown, write_text
-
     folder = Path(folder)
     summary = json.loads((folder / "results.json").read_text(encoding="utf-8"))
     task = summary.get("task")
-    renderers = {
-        "perplexity": (ppl_markdown, plots.plot_ppl_vs_density, "ppl_vs_density.png"),
-        "retrieval": (retrieval_markdown, plots.plot_retrieval_heatmaps, "retrieval_heatmap.png"),
-        "prefill": (prefill_markdown, plots.plot_prefill, "prefill.png"),
-    }
-    if task not in renderers:
-        raise ValueError(f"{folder / 'results.json'}: expected task {sorted(renderers)}, found {task!r}")
-    markdown, plot, figure = renderers[task]
-    written = [write_text(folder / "results.md", markdown(summary))]
-    results = [r for r in summary["results"] if task != "prefill" or "ttft_s" in r]
-    drawn = plot(results, folder / figure)
-    return written + ([drawn] if drawn else [])
+    if task not in REPORTS:
+        raise ValueError(f"{folder / 'results.json'}: expected task {sorted(REPORTS)}, found {task!r}")
+    return write_report(folder, summary)
 
 
 def main(argv: list[str] | None = None) -> None:
