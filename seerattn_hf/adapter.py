@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import CONFIG_NAME, SeerAttentionConfig, read_json_object
 from .embedded import resolve_model_path
+from .gate import gate_weight_shapes
 from .gate_config import GATE_FIELDS
 from .patching import (
     apply_seer_attention,
@@ -181,12 +182,9 @@ def _stored_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
 def expected_gate_shapes(config: SeerAttentionConfig, layout: dict) -> dict[str, tuple[int, ...]]:
     """The gate tensors (name -> shape) that gates of `config` have in a model of `layout`."""
     layers = config.layers if config.layers is not None else range(layout["num_hidden_layers"])
-    head_dim, hidden = layout["head_dim"], config.gate_hidden_size
-    shapes = {}
-    for i in layers:
-        shapes[f"layers.{i}.q_weight"] = (layout["num_attention_heads"], head_dim * len(config.q_pooling), hidden)
-        shapes[f"layers.{i}.k_weight"] = (layout["num_key_value_heads"], head_dim * len(config.k_pooling), hidden)
-    return shapes
+    per_layer = gate_weight_shapes(config.gate, layout["num_attention_heads"], layout["num_key_value_heads"],
+                                   layout["head_dim"])
+    return {f"layers.{i}.{name}": shape for i in layers for name, shape in per_layer.items()}
 
 
 def check_gate_file(weights_path: Path, expected: dict[str, tuple[int, ...]]) -> None:

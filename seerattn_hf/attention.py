@@ -160,7 +160,7 @@ def _block_probs(state: SeerLayerState, gate: SeerGate, query, key, value, scale
     if policy.selector == "gate":
         captured_query, captured_key = _gate_inputs_or_fail(state)
         with torch.no_grad():
-            return gate(captured_query, captured_key, seq_offsets).exp()
+            return gate(captured_query, captured_key, seq_offsets, probabilities=True)
     if policy.selector == "oracle":
         return pooled_attention(query, key, value, state.block_size, scale, seq_offsets, policy.backend)[1]
     if policy.selector == "pooled_score":

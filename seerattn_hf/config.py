@@ -28,6 +28,8 @@ CONFIG_NAME = "seer_config.json"
 POLICY_KEY = "sparsity_policy"
 # Keys of the adapter JSON that are records, not configuration.
 METADATA_KEYS = ("library_version", "base_model_layout")
+# A policy key that releases up to 0.1.x wrote, read as its successor: a bool becomes 0 or 1 rows.
+LEGACY_DENSE_LAST_ROW_KEY = "dense_last_query_block"
 
 
 class SeerAttentionConfig:
@@ -35,10 +37,10 @@ class SeerAttentionConfig:
     (`config.block_size`, `config.density`); lists come back as lists.
 
     Gate shape (fixed once gates exist; see `GateConfig`): block_size, gate_hidden_size, q_pooling,
-    k_pooling, layers, base_model_name_or_path.
+    k_pooling, q_projection, k_projection, compute_dtype, layers, base_model_name_or_path.
     Sparsity policy (changeable at load and run time; see `SparsityPolicy`): selector,
-    sparsity_method, threshold, density, coverage, keep_first_blocks, keep_recent_blocks,
-    dense_last_query_block, mask_sharing, backend, min_sparse_length.
+    sparsity_method, threshold, density, coverage, nz_ratio, keep_first_blocks, keep_recent_blocks,
+    keep_diagonal, dense_last_query_blocks, mask_sharing, backend, min_sparse_length.
     """
 
     __slots__ = ("gate", "policy")
@@ -110,6 +112,7 @@ class SeerAttentionConfig:
             policy_values = {k: values.pop(k) for k in POLICY_FIELDS if k in values}
         elif not isinstance(policy_values, dict):
             raise ValueError(f"{source}: expected {POLICY_KEY!r} to be a JSON object, found {policy_values!r}")
+        policy_values = _read_legacy_policy_key(dict(policy_values), values)
         gate_values = {k: values.pop(k) for k in GATE_FIELDS if k in values}
         unknown = sorted(set(values) - set(METADATA_KEYS)) + sorted(set(policy_values) - set(POLICY_FIELDS))
         if unknown:
@@ -130,6 +133,16 @@ class SeerAttentionConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "SeerAttentionConfig":
         return cls.from_dict(read_json_object(path), source=str(path))
+
+
+def _read_legacy_policy_key(policy_values: dict[str, Any], top_level: dict[str, Any]) -> dict[str, Any]:
+    """`dense_last_query_block: bool` (in the policy, or at the top level of a 0.1.0 flat file) reads as
+    `dense_last_query_blocks` 0 or 1; a value that is not a bool is passed on for validation to name."""
+    for place in (policy_values, top_level):
+        if LEGACY_DENSE_LAST_ROW_KEY in place:
+            value = place.pop(LEGACY_DENSE_LAST_ROW_KEY)
+            policy_values.setdefault("dense_last_query_blocks", int(value) if isinstance(value, bool) else value)
+    return policy_values
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:

@@ -16,71 +16,117 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def gate_weight_shapes(config: GateConfig, num_heads: int, num_kv_heads: int,
+                       head_dim: int) -> dict[str, tuple[int, ...]]:
+    """The parameters (name -> shape) of one layer's gate in a model with these attention heads.
+
+    Raises `ValueError` when the layout cannot fit the model: without a Q projection the pooled query
+    is the gate query, so the gate width must be the model's head_dim.
+    """
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    hidden = config.gate_hidden_size
+    shapes = {}
+    if config.q_projection:
+        shapes["q_weight"] = (num_heads, head_dim * len(config.q_pooling), hidden)
+    elif hidden != head_dim:
+        raise ValueError(f"GateConfig.gate_hidden_size: expected the model's head_dim {head_dim} with "
+                         f"q_projection=False (the pooled query is the gate query), found {hidden}")
+    k_heads = num_kv_heads if config.k_projection == "kv_head" else num_heads
+    shapes["k_weight"] = (k_heads, head_dim * len(config.k_pooling), hidden)
+    return shapes
+
+
 class SeerGate(nn.Module):
     """The gate of one attention layer.
 
-    Parameters are per-head linear maps `q_weight: [HQ, D * len(q_pooling), h]` and
-    `k_weight: [HKV, D * len(k_pooling), h]`, kept in float32 whatever the model's dtype.
+    Parameters are per-head linear maps, kept in float32 whatever the model's dtype:
+    `q_weight: [HQ, D * len(q_pooling), h]` (absent with `q_projection=False`) and
+    `k_weight: [HK, D * len(k_pooling), h]`, HK = HKV (`k_projection="kv_head"`) or HQ ("query_head").
     Block-level RoPE uses the base model's rope parameters recomputed for the gate width `h`,
-    at the position of each block's first token.
+    at the position of each block's first token. The gate computes in float32 or, with
+    `compute_dtype="model"`, in the dtype of the query states it is given.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, config: GateConfig,
                  rope_inv_freq: torch.Tensor, rope_scaling: float = 1.0):
         super().__init__()
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        shapes = gate_weight_shapes(config, num_heads, num_kv_heads, head_dim)
         if rope_inv_freq.shape != (config.gate_hidden_size // 2,):
             raise ValueError(f"rope_inv_freq should have shape ({config.gate_hidden_size // 2},), "
                              f"found {tuple(rope_inv_freq.shape)}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.block_size = config.block_size
         self.q_pooling, self.k_pooling = list(config.q_pooling), list(config.k_pooling)
-        hidden = config.gate_hidden_size
-        self.q_weight = nn.Parameter(torch.empty(num_heads, head_dim * len(self.q_pooling), hidden))
-        self.k_weight = nn.Parameter(torch.empty(num_kv_heads, head_dim * len(self.k_pooling), hidden))
+        self.k_projection, self.compute_dtype = config.k_projection, config.compute_dtype
+        self.q_weight = nn.Parameter(torch.empty(shapes["q_weight"])) if "q_weight" in shapes else None
+        self.k_weight = nn.Parameter(torch.empty(shapes["k_weight"]))
         self.register_buffer("rope_inv_freq", rope_inv_freq.float(), persistent=False)
         self.rope_scaling = rope_scaling
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # The fan-in uniform initialisation of nn.Linear, per head.
-        for weight in (self.q_weight, self.k_weight):
+        for weight in self.parameters():
             bound = 1.0 / math.sqrt(weight.shape[1])
             nn.init.uniform_(weight, -bound, bound)
 
     def _block_rope(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate `x: [B, H, NB, h]` to each block's first token, in x's dtype (cos and sin are
+        computed in float32 and rounded to it, as transformers' rotary embeddings do)."""
         positions = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32) * self.block_size
         freqs = positions[:, None] * self.rope_inv_freq.to(x.device)[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = angles.cos() * self.rope_scaling, angles.sin() * self.rope_scaling
+        cos = (angles.cos() * self.rope_scaling).to(x.dtype)
+        sin = (angles.sin() * self.rope_scaling).to(x.dtype)
         return x * cos + rotate_half(x) * sin
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor,
-                seq_offsets: torch.Tensor | None = None) -> torch.Tensor:
-        """Block attention log-probabilities.
+    def block_scores(self, query: torch.Tensor, key: torch.Tensor,
+                     seq_offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, HQ, NB, NB]` gate scores `q . k * h ** -0.5` in the compute dtype, -inf above the
+        block diagonal (arguments as for `forward`)."""
+        batch = query.shape[0]
+        if query.shape[2:] != (self.num_heads, self.head_dim) or key.shape[2:] != (self.num_kv_heads, self.head_dim):
+            raise ValueError(
+                f"gate expects query [B, T, {self.num_heads}, {self.head_dim}] and key "
+                f"[B, T, {self.num_kv_heads}, {self.head_dim}], found {tuple(query.shape)} and {tuple(key.shape)}")
+        dtype = query.dtype if self.compute_dtype == "model" else torch.float32
+        # Pooling accumulates in float32; the pooled states are then rounded once to the compute dtype.
+        pooled_q = pool_blocks_padded(query, self.q_pooling, self.block_size, seq_offsets).to(dtype)
+        pooled_k = pool_blocks_padded(key, self.k_pooling, self.block_size, seq_offsets).to(dtype)
+        if self.k_projection == "query_head":
+            # Query head i reads KV head i // G: repeated before the per-query-head map.
+            pooled_k = pooled_k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
+        if self.q_weight is None:
+            gate_q = pooled_q.transpose(1, 2)
+        else:
+            gate_q = torch.einsum("bnhi,hio->bhno", pooled_q, self.q_weight.to(dtype))
+        gate_q = self._block_rope(gate_q)
+        gate_k = self._block_rope(torch.einsum("bnhi,hio->bhno", pooled_k, self.k_weight.to(dtype)))
+        key_heads, blocks, hidden = gate_k.shape[1], gate_k.shape[2], gate_k.shape[3]
+        # Each gate key head serves a group of query heads (a group of one with "query_head").
+        gate_q = gate_q.reshape(batch, key_heads, self.num_heads // key_heads, blocks, hidden)
+        scores = (gate_q @ gate_k.unsqueeze(2).transpose(-1, -2)) * hidden ** -0.5
+        scores = scores.view(batch, self.num_heads, blocks, blocks)
+        above_diagonal = torch.ones(blocks, blocks, dtype=torch.bool, device=scores.device).triu(1)
+        return scores.masked_fill(above_diagonal, float("-inf"))
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, seq_offsets: torch.Tensor | None = None,
+                probabilities: bool = False) -> torch.Tensor:
+        """Block attention log-probabilities, or probabilities.
 
         Args:
             query: `[B, T, HQ, D]` pre-RoPE query states.
             key: `[B, T, HKV, D]` pre-RoPE key states.
             seq_offsets: `[B]` left-padding lengths, or None.
+            probabilities: return the softmax in the compute dtype (what sparse prefill selects
+                from; the published gates threshold their bf16 softmax) instead of float32
+                log-probabilities (what distillation trains).
         Returns:
-            `[B, HQ, NB, NB]` float32 log-probabilities over key blocks, -inf above the block
-            diagonal. Rows of blocks that lie wholly in padding hold finite values to be ignored.
+            `[B, HQ, NB, NB]` over key blocks, zero probability (-inf log-probability) above the
+            block diagonal. Rows of blocks that lie wholly in padding hold finite values to be ignored.
         """
-        batch, length = query.shape[:2]
-        if query.shape[2:] != (self.num_heads, self.head_dim) or key.shape[2:] != (self.num_kv_heads, self.head_dim):
-            raise ValueError(
-                f"gate expects query [B, T, {self.num_heads}, {self.head_dim}] and key "
-                f"[B, T, {self.num_kv_heads}, {self.head_dim}], found {tuple(query.shape)} and {tuple(key.shape)}")
-        pooled_q = pool_blocks_padded(query, self.q_pooling, self.block_size, seq_offsets)
-        pooled_k = pool_blocks_padded(key, self.k_pooling, self.block_size, seq_offsets)
-        gate_q = self._block_rope(torch.einsum("bnhi,hio->bhno", pooled_q, self.q_weight))
-        gate_k = self._block_rope(torch.einsum("bnhi,hio->bhno", pooled_k, self.k_weight))
-        blocks, hidden = gate_q.shape[-2], gate_q.shape[-1]
-        groups = self.num_heads // self.num_kv_heads
-        gate_q = gate_q.view(batch, self.num_kv_heads, groups, blocks, hidden)
-        scores = gate_q @ gate_k.unsqueeze(2).transpose(-1, -2) / math.sqrt(hidden)
-        scores = scores.view(batch, self.num_heads, blocks, blocks)
-        above_diagonal = torch.ones(blocks, blocks, dtype=torch.bool, device=scores.device).triu(1)
-        return scores.masked_fill(above_diagonal, float("-inf")).log_softmax(dim=-1)
+        scores = self.block_scores(query, key, seq_offsets)
+        if probabilities:
+            return scores.softmax(dim=-1)
+        return scores.float().log_softmax(dim=-1)

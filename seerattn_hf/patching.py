@@ -19,7 +19,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from .attention import MODES, SeerLayerState, seer_attention_forward
 from .attention_registry import attention_function, register_attention_function
 from .config import SeerAttentionConfig
-from .gate import SeerGate
+from .gate import SeerGate, gate_weight_shapes
 from .gate_config import GATE_FIELDS, GateConfig
 from .policy import SparsityPolicy
 
@@ -180,6 +180,8 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
     layers = _target_layers(model, gate_config)
     text_config = model.config
     num_heads, num_kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
+    # Raises, while the model is still unchanged, if the gate layout cannot fit this model.
+    gate_weight_shapes(gate_config, num_heads, num_kv_heads, decoder_layers(model)[layers[0]].self_attn.head_dim)
     inv_freq, rope_scaling = _gate_rope(model, gate_config.gate_hidden_size)
     dense_attention = _dense_attention_function(original, spec)
     devices = {i: _gate_device(decoder_layers(model)[i].self_attn, spec, i) for i in layers}

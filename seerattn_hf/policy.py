@@ -14,24 +14,33 @@ from .gate_config import field_names
 from .validation import InvalidSetting, check, is_integer, is_number, reject_unknown
 
 SELECTORS = ("gate", "oracle", "pooled_score", "streaming")
-SPARSITY_METHODS = ("threshold", "density", "coverage")
+SPARSITY_METHODS = ("threshold", "density", "coverage", "nz_ratio")
+# The methods that rank blocks (they need no probabilities, so a position ranking can feed them).
+RANKING_METHODS = ("density", "nz_ratio")
 BACKENDS = ("auto", "triton", "torch", "flex")
 MASK_SHARINGS = ("head", "kv_group")
 # The one short form of a setting in tables, logs and results: "gate d=0.3", "oracle t=0.01".
-METHOD_SYMBOLS = {"threshold": "t", "density": "d", "coverage": "p"}
+METHOD_SYMBOLS = {"threshold": "t", "density": "d", "coverage": "p", "nz_ratio": "nz"}
 
 
 @dataclass(frozen=True)
 class SparsityPolicy:
     """selector: where block scores come from: "gate" (trained gates), "oracle" (the true block
         max-pooled attention map), "pooled_score" (mean-pooled q.k per block, training free) or
-        "streaming" (first block plus the most recent blocks; ranks by position, so density only).
+        "streaming" (first block plus the most recent blocks; ranks by position, so density or
+        nz_ratio only).
     sparsity_method: "threshold" (keep blocks whose probability exceeds `threshold`), "density" (keep
-        the top `density` share of each row's causal blocks) or "coverage" (keep per row the fewest
-        blocks whose probabilities sum to at least `coverage`).
+        the top `density` share of each row's causal blocks), "coverage" (keep per row the fewest
+        blocks whose probabilities sum to at least `coverage`) or "nz_ratio" (the published gates'
+        top-k: every row keeps the same number k = int((1 - sqrt(1 - nz_ratio)) * NB), at least 1,
+        of its best blocks, NB the sequence's number of blocks; about `nz_ratio` of all causal
+        blocks are then kept).
     keep_first_blocks / keep_recent_blocks: blocks always kept at the start of the sequence and before
-        the diagonal (the diagonal block itself is always kept).
-    dense_last_query_block: compute the last query block densely (the question of a prompt).
+        the diagonal.
+    keep_diagonal: always keep each row's diagonal block. The published rules do not; a row whose
+        selection is then empty keeps its best block.
+    dense_last_query_blocks: how many of the last query-block rows are computed densely (the
+        question of a prompt; the published rules use 2).
     mask_sharing: "head" (one mask per query head) or "kv_group" (one mask per KV head, shared by its
         query heads: the kernel then packs a group's heads into one tile).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch" or "flex".
@@ -43,9 +52,11 @@ class SparsityPolicy:
     threshold: float = 2e-3
     density: float = 0.5
     coverage: float = 0.9
+    nz_ratio: float = 0.5
     keep_first_blocks: int = 0
     keep_recent_blocks: int = 0
-    dense_last_query_block: bool = False
+    keep_diagonal: bool = True
+    dense_last_query_blocks: int = 0
     mask_sharing: str = "head"
     backend: str = "auto"
     min_sparse_length: int = 0
@@ -61,21 +72,23 @@ class SparsityPolicy:
               "a number in (0, 1]", self.density)
         check(is_number(self.coverage) and 0.0 < self.coverage <= 1.0, owner, "coverage",
               "a number in (0, 1]", self.coverage)
-        for name in ("keep_first_blocks", "keep_recent_blocks", "min_sparse_length"):
+        check(is_number(self.nz_ratio) and 0.0 < self.nz_ratio <= 1.0, owner, "nz_ratio",
+              "a number in (0, 1]", self.nz_ratio)
+        for name in ("keep_first_blocks", "keep_recent_blocks", "dense_last_query_blocks", "min_sparse_length"):
             value = getattr(self, name)
             check(is_integer(value) and value >= 0, owner, name, "an integer >= 0", value)
-        check(isinstance(self.dense_last_query_block, bool), owner, "dense_last_query_block", "a bool",
-              self.dense_last_query_block)
+        check(isinstance(self.keep_diagonal, bool), owner, "keep_diagonal", "a bool", self.keep_diagonal)
         check(self.mask_sharing in MASK_SHARINGS, owner, "mask_sharing", f"one of {list(MASK_SHARINGS)}",
               self.mask_sharing)
         check(self.backend in BACKENDS, owner, "backend", f"one of {list(BACKENDS)}", self.backend)
-        if self.selector == "streaming" and self.sparsity_method != "density":
-            raise InvalidSetting(owner, "sparsity_method", "'density' with selector='streaming' (it ranks "
-                                 "blocks by position, not by probability)", self.sparsity_method)
+        if self.selector == "streaming" and self.sparsity_method not in RANKING_METHODS:
+            raise InvalidSetting(owner, "sparsity_method", f"one of {list(RANKING_METHODS)} with "
+                                 "selector='streaming' (it ranks blocks by position, not by probability)",
+                                 self.sparsity_method)
 
     @property
     def value(self) -> float:
-        """The value of the active sparsity method (the threshold, density or coverage)."""
+        """The value of the active sparsity method (the threshold, density, coverage or nz_ratio)."""
         return getattr(self, self.sparsity_method)
 
     @property

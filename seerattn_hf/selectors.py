@@ -1,8 +1,8 @@
 """Block selection: block scores (gate, oracle or a training-free baseline) -> a block mask.
 
 Every selector produces scores `[B, H, NB, NB]` that are probabilities over each row's causal key
-blocks; `select_blocks` turns them into a boolean block mask by threshold, density (per-row top-k)
-or coverage, then adds the blocks that are always kept. `mask_to_block_lists` packs the mask into
+blocks; `select_blocks` turns them into a boolean block mask by threshold, density (per-row top-k),
+coverage or nz_ratio (the published gates' fixed top-k), then adds the blocks that are always kept. `mask_to_block_lists` packs the mask into
 the compact per-row lists the kernels walk.
 """
 
@@ -13,7 +13,7 @@ import math
 import torch
 
 from .blocks import causal_block_mask, num_blocks, pool_blocks_padded  # noqa: F401  (num_blocks re-exported)
-from .policy import SparsityPolicy
+from .policy import RANKING_METHODS, SparsityPolicy
 
 def pooled_score_probs(query: torch.Tensor, key: torch.Tensor, block_size: int,
                        seq_offsets: torch.Tensor | None) -> torch.Tensor:
@@ -42,12 +42,13 @@ def streaming_scores(batch: int, heads: int, blocks: int, device: torch.device) 
 
 
 def forced_blocks(policy: SparsityPolicy, blocks: int, device: torch.device) -> torch.Tensor:
-    """`[NB, NB]` blocks kept whatever the scores: the diagonal, the first `keep_first_blocks`
-    blocks and `keep_recent_blocks` blocks before the diagonal."""
+    """`[NB, NB]` blocks kept whatever the scores: the diagonal (with `keep_diagonal`), the first
+    `keep_first_blocks` blocks and `keep_recent_blocks` blocks before the diagonal."""
     rows = torch.arange(blocks, device=device)[:, None]
     columns = torch.arange(blocks, device=device)[None, :]
-    forced = (columns == rows) | (columns < policy.keep_first_blocks)
-    forced |= (columns < rows) & (columns >= rows - policy.keep_recent_blocks)
+    forced = (columns < policy.keep_first_blocks) | ((columns < rows) & (columns >= rows - policy.keep_recent_blocks))
+    if policy.keep_diagonal:
+        forced = forced | (columns == rows)
     return forced & (columns <= rows)
 
 
@@ -56,7 +57,8 @@ def select_blocks(policy: SparsityPolicy, scores: torch.Tensor,
     """Turn block scores `[B, H, NB, NB]` into a boolean block mask of the same shape.
 
     Only causal blocks are ever kept. `row_valid` (`[B, NB]`) marks query blocks holding real
-    tokens; other rows keep just their diagonal block.
+    tokens; other rows keep just their diagonal block. Scores may be in any float dtype: a
+    threshold is compared in the scores' dtype (as the published gates compare their bf16 softmax).
     """
     batch, heads, blocks, _ = scores.shape
     device = scores.device
@@ -65,54 +67,82 @@ def select_blocks(policy: SparsityPolicy, scores: torch.Tensor,
     method = policy.sparsity_method
     if method == "threshold":
         keep = scores > policy.threshold
-    elif method == "density":
-        top, within_budget = _density_top(policy, scores, causal, forced)
+    elif method in RANKING_METHODS:
+        top, within_budget = _top_blocks(policy, scores, causal, forced, row_valid)
         keep = torch.zeros_like(causal).expand_as(scores).clone()
         keep.scatter_(-1, top, within_budget.expand_as(top))
     else:
         # Fewest blocks whose probabilities reach the coverage: a block is kept while the mass
         # ranked above it is still short of the target.
-        sorted_scores, order = scores.masked_fill(~causal, 0.0).sort(dim=-1, descending=True, stable=True)
+        sorted_scores, order = scores.float().masked_fill(~causal, 0.0).sort(dim=-1, descending=True, stable=True)
         mass_before = sorted_scores.cumsum(dim=-1) - sorted_scores
         keep_sorted = mass_before < policy.coverage * sorted_scores.sum(dim=-1, keepdim=True)
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     keep = (keep | forced) & causal
-    if policy.dense_last_query_block:
-        keep = _dense_last_rows(keep, causal, row_valid)
+    if not policy.keep_diagonal:
+        keep = _keep_best_block_of_empty_rows(keep, scores, causal)
+    if policy.dense_last_query_blocks:
+        keep = _dense_last_rows(keep, causal, policy.dense_last_query_blocks, row_valid)
     if row_valid is not None:
         diagonal_only = torch.eye(blocks, dtype=torch.bool, device=device)
         keep = torch.where(row_valid[:, None, :, None], keep, diagonal_only)
     return keep
 
 
-def _density_top(policy: SparsityPolicy, scores: torch.Tensor, causal: torch.Tensor,
-                 forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row top-k: the indices of each row's `ceil(density * (i + 1))` best causal blocks, forced
-    blocks first, as `top: [B, H, NB, K]` (K the largest budget) and `within_budget: [NB, K]`.
+def _row_budgets(policy: SparsityPolicy, blocks: int, row_valid: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor:
+    """`[B or 1, NB]`: how many blocks each row keeps under a ranking method (before forced blocks).
+
+    density: `ceil(density * (i + 1))` for row i. nz_ratio: the same k for every row of a sequence,
+    `int((1 - sqrt(1 - nz_ratio)) * NB)` and at least 1, with NB the sequence's own block count (so a
+    left-padded batch selects as each sequence alone), capped by the row's length.
+    """
+    row_lengths = torch.arange(1, blocks + 1, device=device, dtype=torch.float64)
+    if policy.sparsity_method == "density":
+        return torch.ceil(policy.density * row_lengths).long()[None]
+    sequence_blocks = (torch.full((1,), blocks, device=device) if row_valid is None
+                       else row_valid.sum(dim=-1))
+    # Computed as the published code does, in double precision: int((1 - math.sqrt(1 - nz)) * NB).
+    share = 1.0 - math.sqrt(1.0 - policy.nz_ratio)
+    per_sequence = torch.floor(share * sequence_blocks.double()).long().clamp(min=1)
+    return torch.minimum(per_sequence[:, None], row_lengths.long()[None])
+
+
+def _top_blocks(policy: SparsityPolicy, scores: torch.Tensor, causal: torch.Tensor, forced: torch.Tensor,
+                row_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row top-k of the ranking methods: the indices of each row's best causal blocks, forced
+    blocks first, as `top: [B, H, NB, K]` (K the largest budget) and `within_budget: [B or 1, 1, NB, K]`.
 
     topk up to the largest budget costs far less than sorting whole rows at long context.
     """
-    blocks = scores.shape[-1]
     ranked = scores.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
-    rows = torch.arange(1, blocks + 1, device=scores.device, dtype=torch.float64)
     # Forced blocks are kept even past the budget.
-    budget = torch.maximum(torch.ceil(policy.density * rows).long(), forced.sum(dim=-1))
+    budget = torch.maximum(_row_budgets(policy, scores.shape[-1], row_valid, scores.device), forced.sum(dim=-1))
     top = ranked.topk(int(budget.max()), dim=-1, sorted=True).indices
-    within_budget = torch.arange(top.shape[-1], device=scores.device)[None, :] < budget[:, None]
-    return top, within_budget
+    within_budget = torch.arange(top.shape[-1], device=scores.device) < budget[..., None]
+    return top, within_budget[:, None]
+
+
+def _keep_best_block_of_empty_rows(keep: torch.Tensor, scores: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """Without the diagonal a threshold can leave a row with no block, and attention then has no key
+    to read (the published kernel returns NaN there): such a row keeps its best block."""
+    empty = ~keep.any(dim=-1, keepdim=True)
+    best = scores.masked_fill(~causal, float("-inf")).argmax(dim=-1, keepdim=True)
+    return keep | (empty & (torch.arange(keep.shape[-1], device=keep.device) == best))
 
 
 def select_block_lists(policy: SparsityPolicy, scores: torch.Tensor,
                        row_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`select_blocks` followed by `mask_to_block_lists`, the same lists, computed more cheaply
     where possible: per-row top-k yields the kept indices directly, with no `[B, H, NB, NB]` mask
-    to build and pack (at 128k tokens that mask has 134M entries per layer)."""
-    if policy.sparsity_method != "density" or policy.dense_last_query_block:
+    to build and pack (at 128k tokens that mask has 134M entries per layer). Dense last rows hold
+    every block, so they take the mask path (their lists would be as large as the mask)."""
+    if policy.sparsity_method not in RANKING_METHODS or policy.dense_last_query_blocks:
         return mask_to_block_lists(select_blocks(policy, scores, row_valid))
     blocks = scores.shape[-1]
     device = scores.device
     causal = causal_block_mask(blocks, device)
-    top, within_budget = _density_top(policy, scores, causal, forced_blocks(policy, blocks, device))
+    top, within_budget = _top_blocks(policy, scores, causal, forced_blocks(policy, blocks, device), row_valid)
     block_idx = torch.where(within_budget, top, blocks).sort(dim=-1).values
     block_count = within_budget.sum(dim=-1, dtype=torch.int32).expand(top.shape[:-1])
     if row_valid is not None:
@@ -137,15 +167,15 @@ def kept_block_counts(block_count: torch.Tensor, row_valid: torch.Tensor | None)
     return kept, total
 
 
-def _dense_last_rows(keep: torch.Tensor, causal: torch.Tensor,
+def _dense_last_rows(keep: torch.Tensor, causal: torch.Tensor, count: int,
                      row_valid: torch.Tensor | None) -> torch.Tensor:
+    """Keep every causal block of each sequence's last `count` real query-block rows."""
     blocks = keep.shape[-1]
-    if row_valid is None:
-        keep[:, :, -1] = causal[-1]
-        return keep
-    last_row = row_valid.sum(dim=-1) - 1  # [B]: each sequence's last real query block
-    is_last = torch.arange(blocks, device=keep.device)[None, :] == last_row[:, None]
-    return keep | (is_last[:, None, :, None] & causal)
+    real_rows = (torch.full((keep.shape[0],), blocks, device=keep.device) if row_valid is None
+                 else row_valid.sum(dim=-1))  # [B]
+    rows = torch.arange(blocks, device=keep.device)[None, :]
+    dense = (rows >= real_rows[:, None] - count) & (rows < real_rows[:, None])
+    return keep | (dense[:, None, :, None] & causal)
 
 
 def mask_to_block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

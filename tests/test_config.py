@@ -14,7 +14,7 @@ def test_defaults_follow_the_paper():
 
 def test_json_round_trip(tmp_path):
     config = SeerAttentionConfig(block_size=32, gate_hidden_size=64, q_pooling=["avg", "max"], layers=[0, 3],
-                                 sparsity_method="density", density=0.3, dense_last_query_block=True,
+                                 sparsity_method="density", density=0.3, dense_last_query_blocks=2,
                                  base_model_name_or_path="org/model")
     config.save_json(tmp_path / "c.json", extra={"library_version": "x"})
     assert json.loads((tmp_path / "c.json").read_text())["library_version"] == "x"
@@ -27,7 +27,9 @@ def test_json_round_trip(tmp_path):
     ("q_pooling", []), ("q_pooling", ["median"]), ("k_pooling", ["max", "max"]), ("layers", [-1]), ("layers", []),
     ("selector", "magic"), ("sparsity_method", "topk"), ("threshold", 1.0), ("threshold", -0.1),
     ("density", 0.0), ("density", 1.2), ("coverage", 0), ("keep_first_blocks", -1), ("mask_sharing", "all"),
-    ("backend", "cuda"), ("dense_last_query_block", "yes"), ("density", True),
+    ("backend", "cuda"), ("dense_last_query_blocks", True), ("dense_last_query_blocks", -1), ("density", True),
+    ("nz_ratio", 0.0), ("nz_ratio", 1.5), ("keep_diagonal", "no"), ("q_projection", 0), ("k_projection", "head"),
+    ("compute_dtype", "bfloat16"),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"SeerAttentionConfig\.{field}: expected .* found"):
@@ -87,8 +89,10 @@ def test_gate_fields_the_kernels_or_the_gate_cannot_take(field, value):
 def test_policy_checks_cross_field_rules_on_construction():
     from seerattn_hf import SparsityPolicy
 
-    with pytest.raises(ValueError, match=r"SparsityPolicy\.sparsity_method: expected 'density' with selector='streaming'"):
+    with pytest.raises(ValueError, match=r"SparsityPolicy\.sparsity_method: expected one of \['density', "
+                                         r"'nz_ratio'\] with selector='streaming'"):
         SparsityPolicy(selector="streaming")
+    assert SparsityPolicy(selector="streaming", sparsity_method="nz_ratio", nz_ratio=0.3).label == "streaming nz=0.3"
     with pytest.raises(ValueError, match="SeerAttentionConfig.sparsity_method"):
         SeerAttentionConfig(selector="streaming", sparsity_method="coverage")
     policy = SparsityPolicy(selector="streaming", sparsity_method="density", density=0.2)
@@ -106,6 +110,27 @@ def test_release_0_1_0_flat_json_still_reads(tmp_path):
     config = SeerAttentionConfig.from_dict(flat)
     assert (config.block_size, config.k_pooling, config.selector, config.coverage) == (16, ["max"], "oracle", 0.8)
     assert json.loads(config.to_json_string())["sparsity_policy"]["coverage"] == 0.8
+    assert config.dense_last_query_blocks == 0 and config.keep_diagonal
+
+
+def test_the_old_dense_last_query_block_flag_reads_as_one_row():
+    stored = json.loads(SeerAttentionConfig().to_json_string())
+    del stored["sparsity_policy"]["dense_last_query_blocks"]
+    stored["sparsity_policy"]["dense_last_query_block"] = True
+    assert SeerAttentionConfig.from_dict(stored).dense_last_query_blocks == 1
+    stored["sparsity_policy"]["dense_last_query_block"] = "yes"
+    with pytest.raises(ValueError, match=r"dense_last_query_blocks: expected an integer >= 0, found 'yes'"):
+        SeerAttentionConfig.from_dict(stored)
+
+
+def test_gate_layout_fields_default_to_the_original_layout_and_round_trip():
+    config = SeerAttentionConfig()
+    assert (config.q_projection, config.k_projection, config.compute_dtype) == (True, "kv_head", "float32")
+    published = config.replace(gate_hidden_size=64, q_projection=False, k_projection="query_head",
+                               compute_dtype="model", sparsity_method="nz_ratio", nz_ratio=0.3,
+                               keep_diagonal=False, dense_last_query_blocks=2)
+    assert SeerAttentionConfig.from_dict(json.loads(published.to_json_string())) == published
+    assert published.gate_shape_fields["k_projection"] == "query_head"
 
 
 def test_unknown_json_keys_are_named_in_a_warning():

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from seerattn_hf import SeerAttentionConfig
+from seerattn_hf import GateConfig, SeerAttentionConfig
 from seerattn_hf.blocks import pool_blocks, pool_blocks_padded
-from seerattn_hf.gate import SeerGate
+from seerattn_hf.gate import SeerGate, gate_weight_shapes
 
 
 def _inv_freq(hidden, theta=10000.0):
@@ -37,8 +37,10 @@ def _loop_gate(gate, query, key, block_size):
                 q_in = torch.cat([pooling[k](query[b, span, h].double()) for k in gate.q_pooling])
                 k_in = torch.cat([pooling[k](key[b, span, h // groups].double()) for k in gate.k_pooling])
                 inv_freq = gate.rope_inv_freq.double()
-                gate_q.append(_rope(q_in @ gate.q_weight[h].double(), n * block_size, inv_freq))
-                gate_k.append(_rope(k_in @ gate.k_weight[h // groups].double(), n * block_size, inv_freq))
+                q_out = q_in if gate.q_weight is None else q_in @ gate.q_weight[h].double()
+                k_map = gate.k_weight[h if gate.k_projection == "query_head" else h // groups]
+                gate_q.append(_rope(q_out, n * block_size, inv_freq))
+                gate_k.append(_rope(k_in @ k_map.double(), n * block_size, inv_freq))
             for i in range(blocks):
                 scores = torch.stack([gate_q[i] @ gate_k[j] for j in range(i + 1)]) / math.sqrt(gate_q[i].shape[0])
                 out[b, h, i, : i + 1] = scores.log_softmax(0)
@@ -55,6 +57,45 @@ def test_gate_matches_loop_reading(length, heads, pooling):
     log_probs = gate(query, key)
     expected = _loop_gate(gate, query, key, 16)
     torch.testing.assert_close(log_probs.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("q_projection, k_projection",
+                         [(True, "query_head"), (False, "query_head"), (False, "kv_head")])
+def test_other_layouts_match_the_loop_reading(q_projection, k_projection):
+    config = GateConfig(block_size=16, gate_hidden_size=8, q_projection=q_projection, k_projection=k_projection)
+    gate = SeerGate(4, 2, 8, config, _inv_freq(8))
+    with torch.no_grad():
+        for weight in gate.parameters():
+            weight.normal_()
+    assert (gate.q_weight is None) == (not q_projection)
+    assert gate.k_weight.shape == ((4 if k_projection == "query_head" else 2), 24, 8)
+    query, key = torch.randn(2, 40, 4, 8), torch.randn(2, 40, 2, 8)
+    torch.testing.assert_close(gate(query, key).double(), _loop_gate(gate, query, key, 16), rtol=1e-4, atol=1e-4)
+
+
+def test_model_dtype_computation_follows_the_inputs_dtype():
+    config = GateConfig(block_size=16, gate_hidden_size=8, compute_dtype="model")
+    gate = SeerGate(4, 2, 8, config, _inv_freq(8))
+    query, key = torch.randn(1, 64, 4, 8), torch.randn(1, 64, 2, 8)
+    probs = gate(query.bfloat16(), key.bfloat16(), probabilities=True)
+    assert probs.dtype == torch.bfloat16 and gate.q_weight.dtype == torch.float32
+    assert gate(query.bfloat16(), key.bfloat16()).dtype == torch.float32  # log-probabilities for training
+    # The same gate in float32 on the same (rounded) inputs differs only by bf16 rounding.
+    expected = gate(query.bfloat16().float(), key.bfloat16().float(), probabilities=True)
+    assert expected.dtype == torch.float32
+    torch.testing.assert_close(probs.float(), expected, rtol=0.05, atol=0.02)
+    float32_gate = SeerGate(4, 2, 8, config.replace(compute_dtype="float32"), _inv_freq(8))
+    float32_gate.load_state_dict(gate.state_dict())
+    assert float32_gate(query.bfloat16(), key.bfloat16(), probabilities=True).dtype == torch.float32
+
+
+def test_a_gate_without_q_projection_needs_the_head_dim_as_its_width():
+    config = GateConfig(gate_hidden_size=8, q_projection=False, k_projection="query_head")
+    assert gate_weight_shapes(config, 4, 2, 8) == {"k_weight": (4, 24, 8)}
+    with pytest.raises(ValueError, match="expected the model's head_dim 16 with q_projection=False.*found 8"):
+        gate_weight_shapes(config, 4, 2, 16)
+    with pytest.raises(ValueError, match=r"GateConfig\.q_pooling: expected a single pooling kind"):
+        GateConfig(q_pooling=["avg", "max"], q_projection=False)
 
 
 def test_padded_sequences_pool_in_their_own_block_frame():

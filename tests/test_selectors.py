@@ -66,7 +66,7 @@ def test_coverage_keeps_the_fewest_blocks_reaching_the_mass():
 def test_forced_blocks_and_dense_last_row():
     probs = _random_probs(1, 1, 10)
     config = SeerAttentionConfig(sparsity_method="threshold", threshold=0.99, keep_first_blocks=1,
-                                 keep_recent_blocks=2, dense_last_query_block=True)
+                                 keep_recent_blocks=2, dense_last_query_blocks=1)
     mask = select_blocks(config, probs)[0, 0]
     assert mask[:, 0].all() and mask.diagonal().all()
     assert mask[5, 3] and mask[5, 4] and mask[1, 0]
@@ -77,13 +77,57 @@ def test_forced_blocks_and_dense_last_row():
 def test_padding_rows_keep_only_the_diagonal_and_dense_last_row_follows_padding():
     probs = _random_probs(2, 1, 6)
     row_valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
-    config = SeerAttentionConfig(sparsity_method="density", density=0.2, dense_last_query_block=True)
+    config = SeerAttentionConfig(sparsity_method="density", density=0.2, dense_last_query_blocks=1)
     mask = select_blocks(config, probs, row_valid)
     assert torch.equal(mask[1, 0, 3:], torch.eye(6, dtype=torch.bool)[3:])
     assert mask[1, 0, 2, :3].all() and mask[0, 0, 5].all()
     kept, total = block_density_counts(mask, row_valid)
     assert int(total[0]) == 21 + 6
     assert int(kept[0]) == int(mask[0, 0].sum()) + int(mask[1, 0, :3].sum())
+
+
+@pytest.mark.parametrize("nz_ratio", [0.05, 0.3, 0.5, 0.9, 1.0])
+def test_nz_ratio_keeps_the_same_number_of_best_blocks_in_every_row(nz_ratio):
+    blocks = 13
+    probs = _random_probs(2, 3, blocks)
+    mask = select_blocks(SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=nz_ratio, keep_diagonal=False), probs)
+    k = max(1, int((1 - math.sqrt(1 - nz_ratio)) * blocks))
+    assert not (mask & ~_causal(blocks)).any()
+    for b, h, i in itertools.product(range(2), range(3), range(blocks)):
+        kept = mask[b, h, i].nonzero().flatten().tolist()
+        assert len(kept) == min(k, i + 1)
+        dropped = [j for j in range(i + 1) if j not in kept]
+        if dropped:
+            assert min(probs[b, h, i, kept]) >= max(probs[b, h, i, dropped])
+
+
+def test_without_the_diagonal_only_an_empty_row_gets_its_best_block():
+    probs = torch.tensor([[0.5, 0.0, 0.0], [0.7, 0.3, 0.0], [0.34, 0.33, 0.33]])[None, None]
+    mask = select_blocks(SeerAttentionConfig(threshold=0.4, keep_diagonal=False), probs)[0, 0]
+    # Row 2 has nothing above 0.4: it keeps its best block (0), not its diagonal.
+    assert mask.tolist() == [[True, False, False], [True, False, False], [True, False, False]]
+    assert select_blocks(SeerAttentionConfig(threshold=0.4), probs)[0, 0].diagonal().all()
+
+
+def test_dense_last_rows_count_from_each_sequences_end():
+    probs = _random_probs(2, 1, 8)
+    row_valid = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
+    config = SeerAttentionConfig(threshold=0.99, keep_diagonal=False, dense_last_query_blocks=2)
+    mask = select_blocks(config, probs, row_valid)[:, 0]
+    assert mask[0, 6:].equal(_causal(8)[6:]) and mask[1, 3:5].equal(_causal(8)[3:5])
+    assert mask[0, 5].sum() == 1 and mask[1, 2].sum() == 1
+
+
+def test_nz_ratio_counts_blocks_per_sequence_under_left_padding():
+    # A left-padded sequence of 6 real blocks in a batch of 12: k comes from its own 6 blocks.
+    probs = _random_probs(2, 2, 12)
+    row_valid = torch.tensor([[True] * 12, [True] * 6 + [False] * 6])
+    config = SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.5, keep_diagonal=False)
+    padded = select_blocks(config, probs, row_valid)
+    alone = select_blocks(config, probs[1:, :, :6, :6])
+    assert torch.equal(padded[1, :, :6, :6], alone[0])
+    assert int(padded[1, 0, 5].sum()) == int((1 - math.sqrt(0.5)) * 6)
+    assert int(padded[0, 0, 11].sum()) == int((1 - math.sqrt(0.5)) * 12)
 
 
 def test_streaming_keeps_the_first_and_most_recent_blocks():
@@ -114,10 +158,14 @@ def test_mask_to_block_lists_round_trip():
     SeerAttentionConfig(sparsity_method="density", density=0.3),
     SeerAttentionConfig(sparsity_method="density", density=0.1, keep_first_blocks=1, keep_recent_blocks=2),
     SeerAttentionConfig(sparsity_method="density", density=1.0),
-    SeerAttentionConfig(sparsity_method="density", density=0.5, dense_last_query_block=True),
+    SeerAttentionConfig(sparsity_method="density", density=0.5, dense_last_query_blocks=1),
     SeerAttentionConfig(sparsity_method="threshold", threshold=0.05),
     SeerAttentionConfig(sparsity_method="coverage", coverage=0.7),
-], ids=lambda c: f"{c.sparsity_method}-{c.density}-{c.keep_recent_blocks}-{c.dense_last_query_block}")
+    SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.3, keep_diagonal=False),
+    SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.5, keep_first_blocks=1),
+    SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.2, keep_diagonal=False, dense_last_query_blocks=2),
+    SeerAttentionConfig(sparsity_method="threshold", threshold=0.1, keep_diagonal=False),
+], ids=lambda c: f"{c.sparsity_method}-{c.density}-{c.keep_recent_blocks}-{c.dense_last_query_blocks}")
 def test_select_block_lists_equals_the_packed_mask(config):
     probs = _random_probs(3, 2, 17)
     row_valid = torch.ones(3, 17, dtype=torch.bool)

@@ -214,8 +214,8 @@ def retrieval_parser() -> argparse.ArgumentParser:
     task.add_argument("--text_column", default="text")
     task.add_argument("--no_chat_template", action="store_true",
                       help="plain prompt even when the tokenizer has a chat template")
-    task.add_argument("--dense_last_query_block", action="store_true",
-                      help="compute the last query block (the question) densely in sparse settings")
+    task.add_argument("--dense_last_query_blocks", type=int, default=0,
+                      help="compute the last N query blocks (the question) densely in sparse settings")
     task.add_argument("--seed", type=int, default=0)
     _add_sparsity_arguments(parser, ["dense", "oracle", "streaming"], [0.3, 0.1])
     parser.add_argument("--output", required=True, help="output folder")
@@ -228,7 +228,7 @@ def retrieval_main(argv: list[str] | None = None) -> dict:
     from ..documents import load_document_records
     from .retrieval import PromptBuilder, evaluate_retrieval, haystack_text
 
-    run = _start(retrieval_parser(), argv, patch_options=("dense_last_query_block",))
+    run = _start(retrieval_parser(), argv, patch_options=("dense_last_query_blocks",))
     args = run.args
     context = getattr(run.model.config, "max_position_embeddings", None)
     lengths = [n for n in args.lengths if context is None or n <= context]

@@ -61,7 +61,7 @@ def build_settings(methods: list[str], densities: list[float] = (), thresholds: 
         if method == "dense":
             settings.append(AttentionSetting("dense"))
             continue
-        knobs = [(knob, value) for knob in accepted_sparsity_methods(method) for value in values[knob]]
+        knobs = [(knob, value) for knob in accepted_sparsity_methods(method) for value in values.get(knob, ())]
         if not knobs:
             raise ValueError(f"method {method!r} needs at least one of "
                              f"{['--' + knob + 's' for knob in accepted_sparsity_methods(method)]}")

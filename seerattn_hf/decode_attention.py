@@ -1,0 +1,129 @@
+"""Sparse decoding inside the registered attention function: each generated token reads only the
+KV blocks its layer's decode selector keeps.
+
+Every call on a layer that decodes sparsely keeps the per-block key summaries beside the model's
+KV cache in step (prefill and continued prefill included); a call with one new token per sequence
+then scores the complete blocks, keeps the best ones plus the token's own block, and runs the
+block-sparse decode kernel over the cache in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .decode_cache import key_blocks_of
+from .decode_selection import decode_block_lists, oracle_scores, quest_scores, streaming_scores
+from .ops.decode_attn import naive_sparse_decode_attention, triton_sparse_decode_attention
+
+
+@dataclass
+class DecodeLayerState:
+    """Decoding state of one patched attention module.
+
+    key_rope: the model's own rope (inverse frequencies, scaling) at head_dim, which recovers the
+    pre-RoPE keys the decode gate pools from the cache's post-RoPE keys. cache: the transformers
+    cache of the current forward (set by a forward pre-hook: the attention function is not given it).
+    """
+
+    layer_idx: int
+    block_size: int
+    key_rope: tuple[torch.Tensor, float]
+    cache: object | None = None
+    kept_blocks: torch.Tensor | None = None
+    total_blocks: torch.Tensor | None = None
+
+    def cache_layer(self):
+        layers = getattr(self.cache, "layers", None)
+        return layers[self.layer_idx] if layers is not None and self.layer_idx < len(layers) else None
+
+    def add_counts(self, kept: torch.Tensor, total: torch.Tensor) -> None:
+        # Kept on the device: reading them would synchronise every layer at every step.
+        if self.kept_blocks is None:
+            self.kept_blocks, self.total_blocks = kept, total
+        else:
+            self.kept_blocks, self.total_blocks = self.kept_blocks + kept, self.total_blocks + total
+
+
+def cache_capture_hook(state: DecodeLayerState):
+    """Forward pre-hook of the attention module: remember the cache it is called with (`cache` in
+    transformers >= 5.2x, `past_key_values` before)."""
+    def hook(_module, _args, kwargs):
+        state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return hook
+
+
+def sequence_extent(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int,
+                    key_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seq_offsets, seq_lens) `[B]` of the newest query row: the leading padding positions and the
+    real tokens each sequence holds in the cache, from the mask transformers built (or the position
+    ids, or the key length when the batch has neither padding nor spare cache room)."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        last_row = attention_mask[:, 0, -1, :]
+        allowed = last_row if last_row.dtype == torch.bool else last_row == 0
+        allowed = allowed.expand(batch, -1)
+        return allowed.int().argmax(dim=-1), allowed.sum(dim=-1)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        allowed = attention_mask[:, -key_length:].bool()
+        return allowed.int().argmax(dim=-1), allowed.sum(dim=-1)
+    zeros = torch.zeros(batch, dtype=torch.long, device=device)
+    if position_ids is not None:
+        return zeros, position_ids[:, -1].to(device).long() + 1
+    return zeros, torch.full((batch,), key_length, dtype=torch.long, device=device)
+
+
+def decode_is_sparse(policy, state: DecodeLayerState, has_decode_gate: bool) -> bool:
+    return (policy.decode_selector is not None and state.layer_idx >= policy.decode_start_layer
+            and (policy.decode_selector != "gate" or has_decode_gate))
+
+
+def sparse_decode_step(module, policy, sparse: bool, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask, scale: float, position_ids, captured_query) -> torch.Tensor | None:
+    """Keep the layer's key summaries in step and, for one new token per sequence, return the sparse
+    decode attention `[B, 1, HQ, D]`; None where the caller computes dense attention (several new
+    tokens, no cache, dense decoding, `sparse=False` for the model's dense mode)."""
+    state: DecodeLayerState = module.seer_decode_state
+    decode_gate = getattr(module, "seer_decode_gate", None)
+    cache_layer = state.cache_layer()
+    new_tokens = query.shape[2]
+    if cache_layer is None:
+        return None
+    if not (sparse and decode_is_sparse(policy, state, decode_gate is not None)):
+        summaries = getattr(cache_layer, "seer_key_blocks", None)
+        if summaries is not None:
+            summaries.count(new_tokens)
+        return None
+    batch = query.shape[0]
+    offsets, lens = sequence_extent(attention_mask, position_ids, batch, key.shape[2], key.device)
+    selector = policy.decode_selector
+    summaries = key_blocks_of(cache_layer, state.block_size,
+                              lambda: int((offsets + lens)[0]) - new_tokens)
+    summaries.refresh(key, offsets, lens, new_tokens, decode_gate if selector == "gate" else None,
+                      state.key_rope, quest=selector == "quest")
+    if new_tokens != 1:
+        return None
+
+    size = state.block_size
+    num_blocks = -(-key.shape[2] // size)
+    newest = query[:, :, -1]
+    if selector == "gate":
+        if captured_query is None:
+            raise RuntimeError(f"layer {state.layer_idx}: the decode gate's pre-RoPE query was not captured")
+        gate_queries = decode_gate.queries(captured_query[:, -1:].detach(), (lens - 1)[:, None])
+        scores = decode_gate.scores(gate_queries, summaries.gate_keys[:, :, :num_blocks])[:, :, 0]
+    elif selector == "quest":
+        scores = quest_scores(newest, summaries.key_max[:, :, :num_blocks], summaries.key_min[:, :, :num_blocks])
+    elif selector == "oracle":
+        scores = oracle_scores(newest, key, offsets, lens, size, num_blocks, scale)
+    else:
+        scores = streaming_scores(batch, key.shape[1], num_blocks, key.device)
+    current_block = (lens - 1) // size
+    block_idx, block_count = decode_block_lists(
+        scores, current_block, size, policy.decode_sparsity_method, policy.decode_token_budget,
+        policy.decode_threshold, policy.decode_keep_first_block, probabilities=selector == "gate")
+    state.add_counts(block_count.sum(dim=0), (current_block + 1).sum().expand(block_count.shape[1]))
+    attend = (triton_sparse_decode_attention if key.is_cuda and policy.backend in ("auto", "triton")
+              else naive_sparse_decode_attention)
+    output = attend(newest, key, value, block_idx, block_count, size, lens, scale=scale, seq_offsets=offsets)
+    return output[:, None]

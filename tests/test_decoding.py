@@ -1,0 +1,180 @@
+"""Sparse decoding inside generate(): against the unpatched model, with every cache kind and batch
+operation generate() uses."""
+
+import pytest
+import torch
+from model_factory import TINY_ARCHITECTURES, tiny_model
+
+import seerattn_hf as sa
+from seerattn_hf.decode_gate import DecodeGateConfig
+
+SELECTORS = ("gate", "oracle", "quest", "streaming")
+
+
+def _pair(model_type="llama", **config):
+    """(unpatched model, the same weights patched with prefill and decode gates at full density)."""
+    torch.manual_seed(0)
+    base = tiny_model(model_type)
+    patched = tiny_model(model_type)
+    patched.load_state_dict(base.state_dict())
+    decode_gate = DecodeGateConfig(block_size=16, gate_hidden_size=16)
+    values = {"block_size": 16, "sparsity_method": "density", "density": 1.0, **config}
+    sa.apply_seer_attention(patched, sa.SeerAttentionConfig(decode_gate=decode_gate, **values))
+    with torch.no_grad():
+        for parameter in sa.gate_parameters(patched):
+            parameter.normal_()
+    for model in (base, patched):
+        model.generation_config.pad_token_id = 0
+    return base, patched
+
+
+def _prompt(batch=2, length=37, padding=5, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (batch, length), generator=generator)  # no pad id inside the prompt
+    mask = torch.ones_like(ids)
+    mask[0, :padding] = 0
+    return ids, mask
+
+
+def _generate(model, ids, mask, **kwargs):
+    return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30, **kwargs)
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("selector", SELECTORS)
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_a_budget_covering_the_context_reproduces_dense(model_type, selector, cache):
+    base, patched = _pair(model_type)
+    ids, mask = _prompt()
+    expected = _generate(base, ids, mask, cache_implementation=cache)
+    sa.update_sparsity_config(patched, decode_selector=selector, decode_token_budget=4096)
+    assert torch.equal(_generate(patched, ids, mask, cache_implementation=cache), expected)
+    assert sa.get_sparsity_stats(patched)["decode_density"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("selector", SELECTORS)
+def test_teacher_forced_logits_equal_dense_at_full_budget_and_differ_below(selector):
+    base, patched = _pair()
+    ids, mask = _prompt(length=70)
+    sa.update_sparsity_config(patched, decode_selector=selector, decode_token_budget=4096)
+
+    def step_logits(model):
+        out = model(input_ids=ids[:, :40], attention_mask=mask[:, :40], use_cache=True)
+        cache, logits = out.past_key_values, [out.logits[:, -1]]
+        for t in range(40, 70):
+            out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                        use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits[:, -1])
+        return torch.stack(logits, 1)
+
+    with torch.no_grad():
+        dense = step_logits(base)
+        torch.testing.assert_close(step_logits(patched), dense, rtol=1e-4, atol=1e-4)
+        sa.update_sparsity_config(patched, decode_token_budget=32)  # the current block and one more
+        sa.reset_sparsity_stats(patched)
+        sparse = step_logits(patched)
+    stats = sa.get_sparsity_stats(patched)
+    assert stats["decode_density"] < 0.8 and stats["decode_blocks"] > 0
+    assert torch.isfinite(sparse).all() and not torch.allclose(sparse[:, 10:], dense[:, 10:], atol=1e-3)
+
+
+def _recomputing_summaries(monkeypatch):
+    """Make every call recompute every block's summary from the cache: the reference for the
+    incremental upkeep (and, since it reads the cache as it is, for following its batch operations)."""
+    from seerattn_hf.decode_cache import KeyBlockCache
+
+    incremental = KeyBlockCache.refresh
+
+    def from_scratch(self, *args, **kwargs):
+        self.summarized_tokens = 0
+        return incremental(self, *args, **kwargs)
+
+    monkeypatch.setattr(KeyBlockCache, "refresh", from_scratch)
+
+
+@pytest.mark.parametrize("selector", ["gate", "quest"])
+def test_beam_search_and_assisted_decoding_follow_the_cache(selector, monkeypatch):
+    base, patched = _pair()
+    ids, mask = _prompt(batch=1, padding=0, length=45)
+    assistant = tiny_model("llama", num_layers=1)
+    assistant.generation_config.pad_token_id = 0
+    sa.update_sparsity_config(patched, decode_selector=selector, decode_token_budget=4096)
+    assert torch.equal(_generate(patched, ids, mask, num_beams=3), _generate(base, ids, mask, num_beams=3))
+    # At a budget that leaves blocks out, what is kept depends on the summaries being right.
+    sa.update_sparsity_config(patched, decode_token_budget=32)
+    incremental = [_generate(patched, ids, mask, num_beams=3), _generate(patched, ids, mask, assistant_model=assistant)]
+    _recomputing_summaries(monkeypatch)
+    assert torch.equal(incremental[0], _generate(patched, ids, mask, num_beams=3))
+    assert torch.equal(incremental[1], _generate(patched, ids, mask, assistant_model=assistant))
+
+
+def test_dense_mode_and_no_selector_decode_like_the_unpatched_model():
+    base, patched = _pair()
+    ids, mask = _prompt()
+    expected = _generate(base, ids, mask)
+    assert torch.equal(_generate(patched, ids, mask), expected)
+    assert sa.get_sparsity_stats(patched)["decode_density"] is None
+    sa.update_sparsity_config(patched, decode_selector="quest", decode_token_budget=16)
+    sa.set_attention_mode(patched, "dense")
+    assert torch.equal(_generate(patched, ids, mask), expected)
+
+
+def test_switching_the_selector_mid_generation_rebuilds_the_summaries(monkeypatch):
+    _, patched = _pair()
+    ids, mask = _prompt(length=50)
+    step = torch.full((2, 1), 7)
+    full_mask = torch.cat((mask, torch.ones(2, 1, dtype=mask.dtype)), 1)
+
+    def next_logits(selector_before):
+        sa.update_sparsity_config(patched, decode_selector=selector_before, decode_token_budget=32)
+        with torch.no_grad():
+            cache = patched(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+            sa.update_sparsity_config(patched, decode_selector="quest")
+            return patched(input_ids=step, attention_mask=full_mask, past_key_values=cache).logits
+
+    switched = [next_logits(None), next_logits("gate")]
+    _recomputing_summaries(monkeypatch)
+    expected = next_logits("quest")
+    for logits in switched:
+        torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+def test_summaries_take_at_most_a_hundredth_of_the_kv_cache():
+    torch.manual_seed(0)
+    model = tiny_model("llama", head_dim=64, num_heads=2, num_kv_heads=1)
+    sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=64, gate_hidden_size=64,
+                                                          decode_gate=DecodeGateConfig(gate_hidden_size=64),
+                                                          decode_selector="gate"))
+    ids = torch.randint(3, 96, (1, 500))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        model(input_ids=ids[:, :1], past_key_values=cache)
+    layer = cache.layers[0]
+    kv_bytes = layer.keys.numel() * layer.keys.element_size() * 2
+    summary_bytes = layer.seer_key_blocks.gate_keys.numel() * layer.seer_key_blocks.gate_keys.element_size()
+    assert summary_bytes <= kv_bytes / 100
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_a_cache_cropped_across_blocks_keeps_its_summaries_right(cache_kind, monkeypatch):
+    from transformers import DynamicCache, StaticCache
+
+    _, patched = _pair()
+    sa.update_sparsity_config(patched, decode_selector="gate", decode_token_budget=32)
+    ids = torch.randint(3, 96, (1, 90), generator=torch.Generator().manual_seed(4))
+
+    def logits_after_crop():
+        cache = (DynamicCache(config=patched.config) if cache_kind == "dynamic"
+                 else StaticCache(config=patched.config, max_cache_len=128))
+        with torch.no_grad():
+            patched(input_ids=ids[:, :50], past_key_values=cache)
+            for t in range(50, 60):
+                patched(input_ids=ids[:, t:t + 1], past_key_values=cache, position_ids=torch.tensor([[t]]))
+            cache.crop(-12)  # back to 48 positions, across a block boundary; then other tokens follow
+            return torch.cat([patched(input_ids=ids[:, t:t + 1], past_key_values=cache,
+                                      position_ids=torch.tensor([[t - 12]])).logits for t in range(60, 90)])
+
+    incremental = logits_after_crop()
+    _recomputing_summaries(monkeypatch)
+    torch.testing.assert_close(incremental, logits_after_crop(), rtol=0, atol=0)
