@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .blocks import num_blocks, valid_block_rows
+from .decode_attention import sparse_decode_step
 from .gate import SeerGate
 from .ops.block_sparse_attn import (
     flex_block_sparse_attention,
@@ -64,7 +65,8 @@ class SeerLayerState:
 
     @property
     def needs_gate_inputs(self) -> bool:
-        return self.mode == "distill" or (self.mode == "sparse" and self.policy.selector == "gate")
+        return self.mode == "distill" or (self.mode == "sparse" and "gate" in (self.policy.selector,
+                                                                              self.policy.decode_selector))
 
     def take_captured(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         query, key = self.captured_query, self.captured_key
@@ -178,6 +180,13 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     query: `[B, HQ, T, D]` post-RoPE; key/value: `[B, HKV, S, D]`. Returns (`[B, T, HQ, D]`, None).
     """
     state: SeerLayerState | None = getattr(module, "seer_state", None)
+    if state is not None and state.mode != "distill" and hasattr(module, "seer_decode_state"):
+        decoded = sparse_decode_step(module, state.policy, state.mode == "sparse", *same_dtype(query, key, value),
+                                     attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5,
+                                     kwargs.get("position_ids"), state.captured_query)
+        if decoded is not None:
+            state.take_captured()
+            return decoded.to(value.dtype), None
     query_length, key_length = query.shape[2], key.shape[2]
     prefill = query_length == key_length
     if state is None or state.mode == "dense" or not prefill or query_length < state.policy.min_sparse_length:

@@ -12,6 +12,7 @@ import os
 import warnings
 from typing import Any
 
+from .decode_gate import DECODE_GATE_FIELDS, DecodeGateConfig
 from .gate_config import GATE_FIELDS, K_POOLINGS, Q_POOLINGS, GateConfig  # noqa: F401  (re-exported)
 from .policy import (  # noqa: F401  (re-exported)
     BACKENDS,
@@ -26,6 +27,7 @@ from .validation import InvalidSetting, reject_unknown
 CONFIG_NAME = "seer_config.json"
 # The adapter JSON keeps the gate fields at the top level and the policy under this key.
 POLICY_KEY = "sparsity_policy"
+DECODE_GATE_KEY = "decode_gate"
 # Keys of the adapter JSON that are records, not configuration.
 METADATA_KEYS = ("library_version", "base_model_layout")
 # A policy key that releases up to 0.1.x wrote, read as its successor: a bool becomes 0 or 1 rows.
@@ -43,11 +45,13 @@ class SeerAttentionConfig:
     keep_diagonal, dense_last_query_blocks, mask_sharing, backend, min_sparse_length.
     """
 
-    __slots__ = ("gate", "policy")
+    __slots__ = ("gate", "policy", "decode_gate")
     gate: GateConfig
     policy: SparsityPolicy
+    decode_gate: DecodeGateConfig | None
 
-    def __init__(self, gate: GateConfig | None = None, policy: SparsityPolicy | None = None, **fields):
+    def __init__(self, gate: GateConfig | None = None, policy: SparsityPolicy | None = None,
+                 decode_gate: DecodeGateConfig | None = None, **fields):
         reject_unknown("SeerAttentionConfig", fields, GATE_FIELDS + POLICY_FIELDS)
         gate = GateConfig() if gate is None else gate
         policy = SparsityPolicy() if policy is None else policy
@@ -58,8 +62,12 @@ class SeerAttentionConfig:
             policy = policy.replace(**policy_changes) if policy_changes else policy
         except InvalidSetting as error:
             raise error.for_owner("SeerAttentionConfig") from None
+        if decode_gate is not None and not isinstance(decode_gate, DecodeGateConfig):
+            raise TypeError(f"SeerAttentionConfig.decode_gate: expected a DecodeGateConfig or None, found "
+                            f"{type(decode_gate).__name__}")
         object.__setattr__(self, "gate", gate)
         object.__setattr__(self, "policy", policy)
+        object.__setattr__(self, "decode_gate", decode_gate)
 
     def __getattr__(self, name: str):
         # Only called for names that are not slots: the fields of the two parts.
@@ -74,17 +82,21 @@ class SeerAttentionConfig:
         raise AttributeError(f"SeerAttentionConfig is immutable (cannot set {name!r}): use config.replace("
                              f"{name}=...), or update_sparsity_config(model, {name}=...) on a patched model")
 
+    def _parts(self) -> tuple:
+        return self.gate, self.policy, self.decode_gate
+
     def __reduce__(self):
-        return type(self), (self.gate, self.policy)
+        return type(self), self._parts()
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, SeerAttentionConfig) and (self.gate, self.policy) == (other.gate, other.policy)
+        return isinstance(other, SeerAttentionConfig) and self._parts() == other._parts()
 
     def __hash__(self) -> int:
-        return hash((self.gate, self.policy))
+        return hash(self._parts())
 
     def __repr__(self) -> str:
-        return f"SeerAttentionConfig(gate={self.gate!r}, policy={self.policy!r})"
+        decode = f", decode_gate={self.decode_gate!r}" if self.decode_gate is not None else ""
+        return f"SeerAttentionConfig(gate={self.gate!r}, policy={self.policy!r}{decode})"
 
     @property
     def gate_shape_fields(self) -> dict[str, Any]:
@@ -92,7 +104,8 @@ class SeerAttentionConfig:
 
     def replace(self, **changes) -> "SeerAttentionConfig":
         """A validated copy with some fields changed; unknown names raise `ValueError`."""
-        return SeerAttentionConfig(self.gate, self.policy, **changes)
+        decode_gate = changes.pop("decode_gate", self.decode_gate)
+        return SeerAttentionConfig(self.gate, self.policy, decode_gate, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, flat."""
@@ -100,7 +113,10 @@ class SeerAttentionConfig:
 
     def to_json_dict(self) -> dict[str, Any]:
         """The stored form: gate fields at the top level, the policy under "sparsity_policy"."""
-        return {**self.gate.to_dict(), POLICY_KEY: self.policy.to_dict()}
+        values = {**self.gate.to_dict(), POLICY_KEY: self.policy.to_dict()}
+        if self.decode_gate is not None:
+            values[DECODE_GATE_KEY] = self.decode_gate.to_dict()
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "the config") -> "SeerAttentionConfig":
@@ -114,12 +130,22 @@ class SeerAttentionConfig:
             raise ValueError(f"{source}: expected {POLICY_KEY!r} to be a JSON object, found {policy_values!r}")
         policy_values = _read_legacy_policy_key(dict(policy_values), values)
         gate_values = {k: values.pop(k) for k in GATE_FIELDS if k in values}
-        unknown = sorted(set(values) - set(METADATA_KEYS)) + sorted(set(policy_values) - set(POLICY_FIELDS))
+        decode_values = values.pop(DECODE_GATE_KEY, None)
+        if decode_values is not None and not isinstance(decode_values, dict):
+            raise ValueError(f"{source}: expected {DECODE_GATE_KEY!r} to be a JSON object, found {decode_values!r}")
+        unknown = (sorted(set(values) - set(METADATA_KEYS)) + sorted(set(policy_values) - set(POLICY_FIELDS))
+                   + sorted(set(decode_values or {}) - set(DECODE_GATE_FIELDS)))
         if unknown:
             warnings.warn(f"{source}: ignoring unknown keys {unknown} (written by another version of seerattn_hf?)",
                           stacklevel=2)
         policy_values = {k: v for k, v in policy_values.items() if k in POLICY_FIELDS}
-        return cls(**gate_values, **policy_values)
+        decode_gate = None
+        if decode_values is not None:
+            try:
+                decode_gate = DecodeGateConfig(**{k: v for k, v in decode_values.items() if k in DECODE_GATE_FIELDS})
+            except InvalidSetting as error:
+                raise error.for_owner(f"{source}: decode_gate") from None
+        return cls(decode_gate=decode_gate, **gate_values, **policy_values)
 
     def to_json_string(self, extra: dict[str, Any] | None = None) -> str:
         return json.dumps({**self.to_json_dict(), **(extra or {})}, indent=2, sort_keys=True) + "\n"

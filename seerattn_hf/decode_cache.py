@@ -44,6 +44,8 @@ class KeyBlockCache:
         self.key_min: torch.Tensor | None = None
         self.cache_tokens = cache_tokens
         self.summarized_tokens = 0
+        # What the summaries hold ("gate", "quest"); a change means recomputing every block.
+        self.kinds: frozenset[str] = frozenset()
 
     # -- following the cache ------------------------------------------------------------------
 
@@ -99,6 +101,9 @@ class KeyBlockCache:
         new ones included). key_rope: the model's own rope (inverse frequencies, scaling) at head_dim,
         to recover the gate's pre-RoPE keys. quest: also keep per-block key extremes.
         """
+        kinds = frozenset(kind for kind, wanted in (("gate", gate is not None), ("quest", quest)) if wanted)
+        if kinds != self.kinds:
+            self.kinds, self.summarized_tokens = kinds, 0
         first_position = min(self.summarized_tokens, self.cache_tokens)
         self.cache_tokens += new_tokens
         batch, kv_heads, capacity_tokens, dim = keys.shape

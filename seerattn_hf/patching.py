@@ -19,9 +19,12 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from .attention import MODES, SeerLayerState, seer_attention_forward
 from .attention_registry import attention_function, register_attention_function
 from .config import SeerAttentionConfig
+from .decode_attention import DecodeLayerState, cache_capture_hook
+from .decode_gate import SeerDecodeGate
 from .gate import SeerGate, gate_weight_shapes
 from .gate_config import GATE_FIELDS, GateConfig
 from .policy import SparsityPolicy
+from .rope import rope_frequencies
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,19 @@ def _gate_device(attention: nn.Module, spec: ArchitectureSpec, layer_idx: int) -
     return torch.device("cuda", execution_device) if isinstance(execution_device, int) else torch.device(execution_device)
 
 
+def _decode_layers(decode_config, gated_layers: list[int]) -> set[int]:
+    """The layers that get a decode gate: a subset of the gated layers (they hold the decoding state)."""
+    if decode_config is None:
+        return set()
+    if decode_config.layers is None:
+        return set(gated_layers)
+    outside = sorted(set(decode_config.layers) - set(gated_layers))
+    if outside:
+        raise ValueError(f"DecodeGateConfig.layers: expected layers that also have a prefill gate "
+                         f"({gated_layers}), found {outside}")
+    return set(decode_config.layers)
+
+
 def _capture_hook(state: SeerLayerState, attribute: str, head_dim: int):
     def hook(_module, _inputs, output):
         if state.needs_gate_inputs:
@@ -185,6 +201,9 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
     inv_freq, rope_scaling = _gate_rope(model, gate_config.gate_hidden_size)
     dense_attention = _dense_attention_function(original, spec)
     devices = {i: _gate_device(decoder_layers(model)[i].self_attn, spec, i) for i in layers}
+    decode_config = config.decode_gate
+    decode_layers = _decode_layers(decode_config, layers)
+    decode_rope = rope_frequencies(text_config, decode_config.gate_hidden_size) if decode_config else None
     registered_name = _registered_name(original)
 
     # Everything is checked: from here on the model changes.
@@ -201,13 +220,21 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
             getattr(attention, spec.key_source).register_forward_hook(_capture_hook(state, "captured_key", head_dim)),
         ]
         attention.seer_state = state
+        # Every gated layer can decode sparsely (oracle, Quest and streaming need no decode gate).
+        decode_state = DecodeLayerState(layer_idx, decode_config.block_size if decode_config else gate_config.block_size,
+                                        rope_frequencies(text_config, head_dim))
+        state.hooks.append(attention.register_forward_pre_hook(cache_capture_hook(decode_state), with_kwargs=True))
+        attention.seer_decode_state = decode_state
+        if layer_idx in decode_layers:
+            decode_gate = SeerDecodeGate(num_heads, num_kv_heads, head_dim, decode_config, *decode_rope)
+            attention.seer_decode_gate = decode_gate.to(device=devices[layer_idx])
 
     model.seer_config = config
     model.seer_original_attn_implementation = original
     # `save_pretrained` writes the base model alone (plain transformers reloads it); gates go through save_gates.
     model.seer_original_keys_to_ignore_on_save = model._keys_to_ignore_on_save
     model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | {
-        name for name, _ in model.named_parameters() if ".seer_gate." in name}
+        name for name, _ in model.named_parameters() if ".seer_gate." in name or ".seer_decode_gate." in name}
     model.set_attn_implementation(registered_name)
     return wrapper
 
@@ -221,8 +248,9 @@ def remove_seer_attention(model: nn.Module) -> nn.Module:
     for attention in patched_attention_modules(model):
         for hook in attention.seer_state.hooks:
             hook.remove()
-        del attention.seer_state
-        del attention.seer_gate
+        del attention.seer_state, attention.seer_gate, attention.seer_decode_state
+        if hasattr(attention, "seer_decode_gate"):
+            del attention.seer_decode_gate
     for layer in decoder_layers(model):
         del layer.self_attn.seer_dense_attention
     model.set_attn_implementation(model.seer_original_attn_implementation)
@@ -288,7 +316,9 @@ def get_sparsity_stats(model: nn.Module) -> dict:
     """Block density of the sparse forwards since the gates were applied or the stats were reset.
 
     Returns {"density": computed causal blocks / all causal blocks over all layers, heads and rows,
-    "per_layer": [{"layer": i, "density": d}, ...], "kept_blocks": int, "causal_blocks": int}.
+    "per_layer": [{"layer": i, "density": d}, ...], "kept_blocks": int, "causal_blocks": int,
+    "decode_density": KV blocks read / blocks up to each generated token (per KV head, over the
+    sparsely decoding layers and steps), "decode_kept_blocks": int, "decode_blocks": int}.
     """
     per_layer, kept_total, causal_total = [], 0, 0
     for attention in require_patched(model):
@@ -299,9 +329,18 @@ def get_sparsity_stats(model: nn.Module) -> dict:
         per_layer.append({"layer": state.layer_idx, "density": kept / causal})
         kept_total, causal_total = kept_total + kept, causal_total + causal
     density = kept_total / causal_total if causal_total else None
-    return {"density": density, "per_layer": per_layer, "kept_blocks": kept_total, "causal_blocks": causal_total}
+    decode_kept = decode_total = 0
+    for attention in patched_attention_modules(model):
+        decode = attention.seer_decode_state
+        if decode.kept_blocks is not None:
+            decode_kept += int(decode.kept_blocks.sum())
+            decode_total += int(decode.total_blocks.sum())
+    return {"density": density, "per_layer": per_layer, "kept_blocks": kept_total, "causal_blocks": causal_total,
+            "decode_density": decode_kept / decode_total if decode_total else None,
+            "decode_kept_blocks": decode_kept, "decode_blocks": decode_total}
 
 
 def reset_sparsity_stats(model: nn.Module) -> None:
     for attention in require_patched(model):
         attention.seer_state.kept_blocks = attention.seer_state.causal_blocks = None
+        attention.seer_decode_state.kept_blocks = attention.seer_decode_state.total_blocks = None

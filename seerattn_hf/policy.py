@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .decode_selection import DECODE_SELECTORS, DECODE_SPARSITY_METHODS
 from .gate_config import field_names
 from .validation import InvalidSetting, check, is_integer, is_number, reject_unknown
 
@@ -45,6 +46,16 @@ class SparsityPolicy:
         query heads: the kernel then packs a group's heads into one tile).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch" or "flex".
     min_sparse_length: prompts shorter than this run dense attention.
+
+    Decoding (each generated token reads only some KV blocks; see `decode_selection`):
+    decode_selector: None (decode densely), "gate" (trained decode gates), "oracle" (the true
+        attention), "quest" (the Quest bound from per-block key extremes) or "streaming" (the most
+        recent blocks; a ranking, so token budgets only).
+    decode_sparsity_method: "token_budget" (read at most `decode_token_budget` tokens, in blocks,
+        the token's own block included) or "threshold" (the blocks whose probability exceeds
+        `decode_threshold`, plus the token's own block).
+    decode_keep_first_block: always read the first (sink) block.
+    decode_start_layer: layers below this index decode densely.
     """
 
     selector: str = "gate"
@@ -60,6 +71,12 @@ class SparsityPolicy:
     mask_sharing: str = "head"
     backend: str = "auto"
     min_sparse_length: int = 0
+    decode_selector: str | None = None
+    decode_sparsity_method: str = "token_budget"
+    decode_token_budget: int = 2048
+    decode_threshold: float = 5e-3
+    decode_keep_first_block: bool = False
+    decode_start_layer: int = 0
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -81,6 +98,21 @@ class SparsityPolicy:
         check(self.mask_sharing in MASK_SHARINGS, owner, "mask_sharing", f"one of {list(MASK_SHARINGS)}",
               self.mask_sharing)
         check(self.backend in BACKENDS, owner, "backend", f"one of {list(BACKENDS)}", self.backend)
+        check(self.decode_selector is None or self.decode_selector in DECODE_SELECTORS, owner, "decode_selector",
+              f"None or one of {list(DECODE_SELECTORS)}", self.decode_selector)
+        check(self.decode_sparsity_method in DECODE_SPARSITY_METHODS, owner, "decode_sparsity_method",
+              f"one of {list(DECODE_SPARSITY_METHODS)}", self.decode_sparsity_method)
+        check(is_integer(self.decode_token_budget) and self.decode_token_budget >= 1, owner, "decode_token_budget",
+              "an integer >= 1 (tokens)", self.decode_token_budget)
+        check(is_number(self.decode_threshold) and 0.0 <= self.decode_threshold < 1.0, owner, "decode_threshold",
+              "a number in [0, 1)", self.decode_threshold)
+        check(isinstance(self.decode_keep_first_block, bool), owner, "decode_keep_first_block", "a bool",
+              self.decode_keep_first_block)
+        check(is_integer(self.decode_start_layer) and self.decode_start_layer >= 0, owner, "decode_start_layer",
+              "an integer >= 0", self.decode_start_layer)
+        if self.decode_selector == "streaming" and self.decode_sparsity_method != "token_budget":
+            raise InvalidSetting(owner, "decode_sparsity_method", "'token_budget' with decode_selector='streaming' "
+                                 "(it ranks blocks by position, not by probability)", self.decode_sparsity_method)
         if self.selector == "streaming" and self.sparsity_method not in RANKING_METHODS:
             raise InvalidSetting(owner, "sparsity_method", f"one of {list(RANKING_METHODS)} with "
                                  "selector='streaming' (it ranks blocks by position, not by probability)",
