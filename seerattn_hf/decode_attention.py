@@ -69,7 +69,8 @@ def sequence_extent(attention_mask: torch.Tensor | None, position_ids: torch.Ten
         return allowed.int().argmax(dim=-1), allowed.sum(dim=-1)
     zeros = torch.zeros(batch, dtype=torch.long, device=device)
     if position_ids is not None:
-        return zeros, position_ids[:, -1].to(device).long() + 1
+        # Shared by the batch ([1, T]) when transformers derived them from the cache position.
+        return zeros, position_ids[:, -1].to(device).long().expand(batch) + 1
     return zeros, torch.full((batch,), key_length, dtype=torch.long, device=device)
 
 

@@ -1,0 +1,222 @@
+"""Decoding speed: per-step latency and tokens/s of `model(next_token, cache)` after a long prompt,
+for the unpatched model, the patched model decoding densely, and sparse decoding settings.
+
+Every setting decodes from the same prefilled cache: after a setting's steps the cache is cropped
+back to the prompt (the key summaries follow the crop). Untrained (random) decode gates cost what
+trained ones do: the kernel reads as many blocks either way.
+
+`python scripts/bench_decode.py --config_preset llama-3.1-8b --batch_sizes 1 16 --contexts 32768`
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import CONFIG_PRESETS, build_random_model, resolve_device
+from .prefill import Stopwatch
+from .reports import environment, markdown_table, write_json, write_text
+
+
+@dataclass(frozen=True)
+class DecodeSetting:
+    """"unpatched" (the model's own attention), "dense" (patched, decode_selector None) or a decode
+    selector at a token budget."""
+
+    selector: str
+    token_budget: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.selector if self.token_budget is None else f"{self.selector} budget={self.token_budget}"
+
+
+def build_decode_settings(selectors: list[str], budgets: list[int]) -> list[DecodeSetting]:
+    settings = [DecodeSetting("unpatched"), DecodeSetting("dense")]
+    return settings + [DecodeSetting(selector, budget) for selector in selectors for budget in budgets]
+
+
+def _step(model: nn.Module, token: torch.Tensor, cache) -> None:
+    model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+@torch.inference_mode()
+def time_decoding(model: nn.Module, cache, token: torch.Tensor, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` decoding steps after `warmup` untimed ones; the cache is cropped
+    back to where it started."""
+    device = token.device
+    for _ in range(warmup):
+        _step(model, token, cache)
+    times = []
+    for _ in range(steps):
+        watch = Stopwatch(device)
+        if watch.cuda:
+            torch.cuda.synchronize(device)
+        started = watch.start()
+        _step(model, token, cache)
+        watch.stop(started)
+        times.append(watch.total_seconds())
+    cache.crop(-(warmup + steps))
+    return times
+
+
+def _apply(model: nn.Module, setting: DecodeSetting, patch) -> None:
+    import seerattn_hf as sa
+
+    patched = sa.patching.is_patched(model)
+    if setting.selector == "unpatched":
+        if patched:
+            sa.remove_seer_attention(model)
+        return
+    if not patched:
+        patch(model)
+    sa.set_attention_mode(model, "sparse")
+    selector = None if setting.selector == "dense" else setting.selector
+    sa.update_sparsity_config(model, decode_selector=selector, decode_token_budget=setting.token_budget or 2048)
+    sa.reset_sparsity_stats(model)
+
+
+@torch.inference_mode()
+def benchmark_decoding(model: nn.Module, batch_sizes: list[int], contexts: list[int], settings: list[DecodeSetting],
+                       warmup: int, steps: int, patch, on_point_done=None) -> list[dict]:
+    """One row per (batch, context, setting): median step latency, tokens/s and the decode density."""
+    import seerattn_hf as sa
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    low = max(int(model.config.pad_token_id or 0), 1) + 1  # random ids above the pad id: no holes in masks
+    rows = []
+    for batch in batch_sizes:
+        for context in contexts:
+            ids = torch.randint(low, model.config.vocab_size, (batch, context), generator=generator).to(device)
+            token = ids[:, -1:]
+            try:
+                _apply(model, settings[0], patch)
+                if sa.patching.is_patched(model):
+                    sa.set_attention_mode(model, "dense")
+                cache = DynamicCache(config=model.config)
+                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                for setting in settings:
+                    _apply(model, setting, patch)
+                    times = time_decoding(model, cache, token, warmup, steps)
+                    latency = statistics.median(times)
+                    density = (sa.get_sparsity_stats(model)["decode_density"] if sa.patching.is_patched(model)
+                               else None)
+                    rows.append({"batch": batch, "context": context, **asdict(setting), "label": setting.label,
+                                 "step_s": latency, "tokens_per_s": batch / latency, "decode_density": density})
+                del cache
+            except torch.OutOfMemoryError as error:
+                rows.append({"batch": batch, "context": context, "label": "all", "error": f"out of memory: {error}"[:200]})
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if on_point_done is not None:
+                on_point_done(rows)
+    return rows
+
+
+def decode_markdown(summary: dict) -> str:
+    lines = [f"# Decoding: {summary['config_preset']} ({summary['num_layers']} layers, {summary['dtype']}, "
+             f"{summary['device']})", "",
+             f"Median of {summary['steps']} steps after {summary['warmup']} warm-up, each step one token per "
+             "sequence after a random prompt of `context` tokens. Speed-up: against the unpatched model "
+             "at the same batch and context. Density: share of KV blocks read.", ""]
+    base = {(r["batch"], r["context"]): r for r in summary["results"] if r.get("selector") == "unpatched"}
+    table = []
+    for r in summary["results"]:
+        if "error" in r:
+            table.append([r["batch"], r["context"], r["label"], None, None, None, None, r["error"][:60]])
+            continue
+        reference = base.get((r["batch"], r["context"]))
+        table.append([r["batch"], r["context"], r["label"], 1000 * r["step_s"], r["tokens_per_s"],
+                      reference["step_s"] / r["step_s"] if reference else None, r["decode_density"], None])
+    lines.append(markdown_table(["batch", "context", "setting", "ms / step", "tokens/s", "speed-up", "density",
+                                 "error"], table))
+    return "\n".join(lines)
+
+
+def plot_decode(results: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = sorted({(r["batch"], r["context"]) for r in results if "error" not in r})
+    labels = list(dict.fromkeys(r["label"] for r in results if "error" not in r))
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(points)), 4))
+    width = 0.8 / max(len(labels), 1)
+    for i, label in enumerate(labels):
+        values = [next((1000 * r["step_s"] for r in results if "error" not in r and r["label"] == label
+                        and (r["batch"], r["context"]) == point), 0.0) for point in points]
+        axis.bar([p + i * width for p in range(len(points))], values, width, label=label)
+    axis.set_xticks([p + 0.4 - width / 2 for p in range(len(points))])
+    axis.set_xticklabels([f"B{b} x {c // 1024}k" for b, c in points])
+    axis.set_ylabel("ms per decoding step")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def decode_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Writes results.json, results.md "
+                                     "and decode.png to --output.")
+    parser.add_argument("--config_preset", default="llama-3.1-8b", choices=sorted(CONFIG_PRESETS))
+    parser.add_argument("--num_layers", type=int, default=None, help="shrink the model to N layers")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--contexts", nargs="+", type=int, default=[32768])
+    parser.add_argument("--selectors", nargs="*", default=["gate", "quest"], choices=["gate", "oracle", "quest",
+                                                                                    "streaming"])
+    parser.add_argument("--budgets", nargs="*", type=int, default=[2048, 4096], help="token budgets")
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--output", required=True)
+    return parser
+
+
+def decode_main(argv: list[str] | None = None) -> dict:
+    import seerattn_hf as sa
+    from seerattn_hf.decode_gate import DecodeGateConfig
+
+    args = decode_parser().parse_args(argv)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    model = build_random_model(args.config_preset, device, args.dtype, args.num_layers)
+    head_dim = model.config.head_dim
+
+    def patch(target: nn.Module) -> None:
+        config = sa.SeerAttentionConfig(block_size=args.block_size, gate_hidden_size=head_dim,
+                                        decode_gate=DecodeGateConfig(block_size=args.block_size,
+                                                                     gate_hidden_size=head_dim))
+        sa.apply_seer_attention(target, config)
+
+    header = {"task": "decode", "config_preset": args.config_preset, "num_layers": model.config.num_hidden_layers,
+              "dtype": args.dtype, "device": str(device), "warmup": args.warmup, "steps": args.steps,
+              "environment": environment()}
+
+    def save(rows: list[dict]) -> dict:
+        summary = {**header, "results": rows}
+        write_json(output / "results.json", summary)
+        write_text(output / "results.md", decode_markdown(summary))
+        return summary
+
+    settings = build_decode_settings(args.selectors, args.budgets)
+    rows = benchmark_decoding(model, args.batch_sizes, args.contexts, settings, args.warmup, args.steps, patch,
+                              on_point_done=save)
+    summary = save(rows)
+    plot_decode(rows, output / "decode.png")
+    print(decode_markdown(summary))
+    return summary
