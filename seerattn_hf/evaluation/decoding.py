@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .models import CONFIG_PRESETS, build_random_model, resolve_device
-from .prefill import Stopwatch
+from .prefill import time_runs
 from .reports import environment, markdown_table, write_json, write_text
 
 
@@ -49,18 +49,7 @@ def _step(model: nn.Module, token: torch.Tensor, cache) -> None:
 def time_decoding(model: nn.Module, cache, token: torch.Tensor, warmup: int, steps: int) -> list[float]:
     """Seconds of each of `steps` decoding steps after `warmup` untimed ones; the cache is cropped
     back to where it started."""
-    device = token.device
-    for _ in range(warmup):
-        _step(model, token, cache)
-    times = []
-    for _ in range(steps):
-        watch = Stopwatch(device)
-        if watch.cuda:
-            torch.cuda.synchronize(device)
-        started = watch.start()
-        _step(model, token, cache)
-        watch.stop(started)
-        times.append(watch.total_seconds())
+    times = time_runs(lambda: _step(model, token, cache), token.device, warmup, steps)
     cache.crop(-(warmup + steps))
     return times
 
