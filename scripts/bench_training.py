@@ -16,7 +16,7 @@ import time
 import torch
 
 import seerattn_hf as sa
-from seerattn_hf.evaluation.models import CONFIG_PRESETS, build_random_model, resolve_device
+from seerattn_hf.models import CONFIG_PRESETS, build_random_model, resolve_device
 from seerattn_hf.training.metrics import distillation_loss
 from seerattn_hf.utils import atomic_write_text
 

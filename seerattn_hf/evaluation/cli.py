@@ -74,7 +74,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 def _dtype_name(args) -> str:
     if args.dtype != "auto":
         return args.dtype
-    from .models import resolve_device
+    from ..models import resolve_device
 
     return "bf16" if resolve_device(args.device).type == "cuda" else "fp32"
 
@@ -114,7 +114,8 @@ def _start(parser: argparse.ArgumentParser, argv: list[str] | None, allow_untrai
     """The start every script shares: parse `argv`, build the attention settings, create the output
     folder, load the model (or build it from --config_preset, where the script has that option) and
     patch it with the sparsity arguments and the options named in `patch_options`."""
-    from .models import build_random_model, load_model_and_tokenizer, patch_model
+    from ..models import build_random_model, load_model_and_tokenizer
+    from .models import patch_model
 
     args = _parse(parser, argv)
     preset = getattr(args, "config_preset", None)  # only bench_prefill times models with random weights
@@ -270,7 +271,7 @@ def prefill_parser() -> argparse.ArgumentParser:
 
 
 def _presets():
-    from .models import CONFIG_PRESETS
+    from ..models import CONFIG_PRESETS
 
     return CONFIG_PRESETS
 

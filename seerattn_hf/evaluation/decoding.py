@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import CONFIG_PRESETS, build_random_model, resolve_device
+from ..models import CONFIG_PRESETS, build_random_model, resolve_device
 from .prefill import time_runs
 from .reports import environment, markdown_table, write_json, write_text
 

@@ -37,6 +37,9 @@ class ModelArguments:
     random_weights: bool = field(default=False, metadata={
         "help": "Build the model from its config.json with random weights (timing runs: no weights needed)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Passed to transformers' from_pretrained."})
+    peft_adapter: str | None = field(default=None, metadata={
+        "help": "A PEFT adapter (folder or Hub id, e.g. a long-context LoRA) loaded onto the base model and "
+                "frozen with it: the gates learn the attention of the adapted model."})
 
 
 @dataclass

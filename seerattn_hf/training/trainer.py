@@ -29,7 +29,7 @@ from .checkpointing import TrainerState, load_checkpoint, load_checkpoint_gates,
 from .data import PackedSequences, epoch_order, prepare_packed_data
 from .evaluation import format_perplexity_report, gate_quality, sparse_perplexity_report
 from .metrics import distillation_loss
-from .model_loading import load_model_and_tokenizer
+from .model_loading import check_before_loading, load_model_and_tokenizer
 from .run_log import LOG_FILE, JsonLog, peak_memory_gib, tracker_config, tracker_names, tracker_scalars
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class Trainer:
             # ("expected to be in states [FORWARD_BACKWARD] but current state is IDLE").
             raise ValueError("FSDP: expected fsdp_version 2 (fully_shard, configs/accelerate/fsdp.yaml), found "
                              "fsdp_version 1, which cannot train gates whose loss does not flow through the logits")
+        check_before_loading(arguments)
         model, tokenizer = load_model_and_tokenizer(arguments, accelerator.mixed_precision, accelerator.device)
         add_gates(model, arguments)
         if self.resume_path is not None:

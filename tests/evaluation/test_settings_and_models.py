@@ -6,7 +6,8 @@ from model_factory import smollm2_folder, tiny_model
 
 import seerattn_hf as sa
 from seerattn_hf.documents import load_document_records
-from seerattn_hf.evaluation.models import build_random_model, parse_dtype, resolve_model_path
+from seerattn_hf.embedded import resolve_model_path
+from seerattn_hf.models import build_random_model, parse_dtype
 from seerattn_hf.evaluation.settings import AttentionSetting, apply_setting, build_settings
 
 

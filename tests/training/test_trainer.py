@@ -131,3 +131,52 @@ def test_console_script_entry_returns_none_for_exit_status_zero(tiny_checkpoint,
     assert main(tiny_run_args(tiny_checkpoint, jsonl_corpus, tmp_path / "run", max_steps=1, eval_steps=0,
                               save_steps=0)) is None
     assert (tmp_path / "run" / "seer_gates.safetensors").is_file()
+
+
+def test_gates_train_on_a_base_model_carrying_a_peft_adapter(tiny_checkpoint, jsonl_corpus, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_checkpoint),
+                          LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    trainer = Trainer(parse_arguments(tiny_run_args(tiny_checkpoint, jsonl_corpus, tmp_path / "run", max_steps=2,
+                                                    save_steps=0, eval_steps=0, peft_adapter=tmp_path / "lora")))
+    assert isinstance(trainer.base, PeftModel)
+    lora_before = {k: v.clone() for k, v in trainer.base.state_dict().items() if "lora_" in k}
+    assert lora_before and not any(p.requires_grad for n, p in trainer.base.named_parameters() if "lora_" in n)
+    gates_before = [p.detach().clone() for p in sa.gate_parameters(trainer.base)]
+    trainer.train()
+    assert all(torch.equal(v, trainer.base.state_dict()[k]) for k, v in lora_before.items())
+    assert not any(torch.equal(a, b) for a, b in zip(gates_before, sa.gate_parameters(trainer.base)))
+    # The gates saw the adapted q and k: the LoRA changes the distillation target.
+    sa.set_attention_mode(trainer.base, "distill")
+    ids = torch.randint(3, 100, (1, 64))
+    with torch.no_grad():
+        trainer.base(input_ids=ids)
+        adapted = sa.pop_distill_records(trainer.base)[0].target
+        with trainer.base.disable_adapter():
+            trainer.base(input_ids=ids)
+        plain = sa.pop_distill_records(trainer.base)[0].target
+    assert not torch.allclose(adapted, plain)
+
+
+def test_model_and_data_errors_come_before_the_weights_load(tiny_checkpoint, jsonl_corpus, tmp_path, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    class WeightsLoaded(Exception):
+        pass
+
+    def load_weights(*args, **kwargs):
+        raise WeightsLoaded("the base weights were loaded")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", load_weights)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"supports model_type \['llama', 'qwen2', 'qwen3'\]; found 'gpt2'"):
+        Trainer(parse_arguments(tiny_run_args(tmp_path / "gpt2", jsonl_corpus, tmp_path / "run")))
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        Trainer(parse_arguments(tiny_run_args(tiny_checkpoint, tmp_path / "missing.jsonl", tmp_path / "run")))
+    with pytest.warns(UserWarning, match="longer than the model's context of 4096"):
+        with pytest.raises(WeightsLoaded):  # a warning only: the run goes on to load the model
+            Trainer(parse_arguments(tiny_run_args(tiny_checkpoint, jsonl_corpus, tmp_path / "run", seq_len=5000)))
