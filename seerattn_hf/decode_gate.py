@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gate_config import BLOCK_SIZES, K_POOLINGS, field_names
+from .gate_config import K_POOLINGS, check_shape_fields, field_names
 from .rope import apply_rope
-from .validation import check, is_integer, reject_unknown
+from .validation import check, reject_unknown
 
 Q_HEAD_MAPS = ("linear", "mean")
 NORM_EPS = 1e-6
@@ -49,20 +49,7 @@ class DecodeGateConfig:
 
     def __post_init__(self):
         owner = type(self).__name__
-        kinds = self.k_pooling
-        check(isinstance(kinds, (list, tuple)) and len(kinds) > 0 and len(set(kinds)) == len(kinds)
-              and all(isinstance(kind, str) for kind in kinds) and set(kinds) <= set(K_POOLINGS),
-              owner, "k_pooling", f"a non-empty list of distinct values from {list(K_POOLINGS)}", kinds)
-        object.__setattr__(self, "k_pooling", tuple(kinds))
-        if self.layers is not None:
-            check(isinstance(self.layers, (list, tuple)) and len(self.layers) > 0
-                  and all(is_integer(i) and i >= 0 for i in self.layers),
-                  owner, "layers", "None or a non-empty list of integer layer indices >= 0", self.layers)
-            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
-        check(is_integer(self.block_size) and self.block_size in BLOCK_SIZES, owner, "block_size",
-              f"one of {list(BLOCK_SIZES)}", self.block_size)
-        check(is_integer(self.gate_hidden_size) and self.gate_hidden_size > 0 and self.gate_hidden_size % 2 == 0,
-              owner, "gate_hidden_size", "a positive even integer (RoPE rotates pairs)", self.gate_hidden_size)
+        check_shape_fields(self, owner, {"k_pooling": K_POOLINGS})
         check(self.q_head_map in Q_HEAD_MAPS, owner, "q_head_map", f"one of {list(Q_HEAD_MAPS)}", self.q_head_map)
         for name in ("qk_norm", "rope"):
             check(isinstance(getattr(self, name), bool), owner, name, "a bool", getattr(self, name))

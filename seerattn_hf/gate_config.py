@@ -49,21 +49,7 @@ class GateConfig:
 
     def __post_init__(self):
         owner = type(self).__name__
-        for name, allowed in (("q_pooling", Q_POOLINGS), ("k_pooling", K_POOLINGS)):
-            kinds = getattr(self, name)
-            check(isinstance(kinds, (list, tuple)) and len(kinds) > 0 and len(set(kinds)) == len(kinds)
-                  and all(isinstance(kind, str) for kind in kinds) and set(kinds) <= set(allowed),
-                  owner, name, f"a non-empty list of distinct values from {list(allowed)}", kinds)
-            object.__setattr__(self, name, tuple(kinds))
-        if self.layers is not None:
-            check(isinstance(self.layers, (list, tuple)) and len(self.layers) > 0
-                  and all(is_integer(i) and i >= 0 for i in self.layers),
-                  owner, "layers", "None or a non-empty list of integer layer indices >= 0", self.layers)
-            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
-        check(is_integer(self.block_size) and self.block_size in BLOCK_SIZES, owner, "block_size",
-              f"one of {list(BLOCK_SIZES)}", self.block_size)
-        check(is_integer(self.gate_hidden_size) and self.gate_hidden_size > 0 and self.gate_hidden_size % 2 == 0,
-              owner, "gate_hidden_size", "a positive even integer (block RoPE rotates pairs)", self.gate_hidden_size)
+        check_shape_fields(self, owner, {"q_pooling": Q_POOLINGS, "k_pooling": K_POOLINGS})
         check(isinstance(self.q_projection, bool), owner, "q_projection", "a bool", self.q_projection)
         check(self.q_projection or len(self.q_pooling) == 1, owner, "q_pooling",
               "a single pooling kind with q_projection=False (the pooled query is then the gate query)",
@@ -89,6 +75,26 @@ class GateConfig:
         """JSON-ready values (lists, not tuples)."""
         values = dataclasses.asdict(self)
         return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
+def check_shape_fields(config, owner: str, poolings: dict[str, tuple[str, ...]]) -> None:
+    """Validate (and normalise to sorted tuples) the fields every gate kind shares: its pooling lists,
+    `layers`, `block_size` and `gate_hidden_size`. `config` is a frozen dataclass under construction."""
+    for name, allowed in poolings.items():
+        kinds = getattr(config, name)
+        check(isinstance(kinds, (list, tuple)) and len(kinds) > 0 and len(set(kinds)) == len(kinds)
+              and all(isinstance(kind, str) for kind in kinds) and set(kinds) <= set(allowed),
+              owner, name, f"a non-empty list of distinct values from {list(allowed)}", kinds)
+        object.__setattr__(config, name, tuple(kinds))
+    if config.layers is not None:
+        check(isinstance(config.layers, (list, tuple)) and len(config.layers) > 0
+              and all(is_integer(i) and i >= 0 for i in config.layers),
+              owner, "layers", "None or a non-empty list of integer layer indices >= 0", config.layers)
+        object.__setattr__(config, "layers", tuple(sorted(set(config.layers))))
+    check(is_integer(config.block_size) and config.block_size in BLOCK_SIZES, owner, "block_size",
+          f"one of {list(BLOCK_SIZES)}", config.block_size)
+    check(is_integer(config.gate_hidden_size) and config.gate_hidden_size > 0 and config.gate_hidden_size % 2 == 0,
+          owner, "gate_hidden_size", "a positive even integer (RoPE rotates pairs)", config.gate_hidden_size)
 
 
 def field_names(cls) -> tuple[str, ...]:
