@@ -72,8 +72,10 @@ def _apply(model: nn.Module, setting: DecodeSetting, patch) -> None:
 
 @torch.inference_mode()
 def benchmark_decoding(model: nn.Module, batch_sizes: list[int], contexts: list[int], settings: list[DecodeSetting],
-                       warmup: int, steps: int, patch, on_point_done=None) -> list[dict]:
-    """One row per (batch, context, setting): median step latency, tokens/s and the decode density."""
+                       warmup: int, steps: int, patch, on_point_done=None, prefill_chunk: int = 8192) -> list[dict]:
+    """One row per (batch, context, setting): median step latency, tokens/s and the decode density.
+    The prompt is prefilled in chunks of `prefill_chunk` tokens (the activations of a whole batch of
+    long prompts at once would not fit beside the cache)."""
     import seerattn_hf as sa
     from transformers import DynamicCache
 
@@ -90,7 +92,9 @@ def benchmark_decoding(model: nn.Module, batch_sizes: list[int], contexts: list[
                 if sa.patching.is_patched(model):
                     sa.set_attention_mode(model, "dense")
                 cache = DynamicCache(config=model.config)
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                for start in range(0, context, prefill_chunk):
+                    model(input_ids=ids[:, start:start + prefill_chunk], past_key_values=cache, use_cache=True,
+                          logits_to_keep=1)
                 for setting in settings:
                     _apply(model, setting, patch)
                     times = time_decoding(model, cache, token, warmup, steps)
@@ -171,6 +175,7 @@ def decode_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--prefill_chunk", type=int, default=8192, help="prompt tokens per prefill forward")
     parser.add_argument("--output", required=True)
     return parser
 
@@ -204,7 +209,7 @@ def decode_main(argv: list[str] | None = None) -> dict:
 
     settings = build_decode_settings(args.selectors, args.budgets)
     rows = benchmark_decoding(model, args.batch_sizes, args.contexts, settings, args.warmup, args.steps, patch,
-                              on_point_done=save)
+                              on_point_done=save, prefill_chunk=args.prefill_chunk)
     summary = save(rows)
     plot_decode(rows, output / "decode.png")
     print(decode_markdown(summary))

@@ -8,7 +8,7 @@ from seerattn_hf.evaluation.decoding import decode_main
 def test_decode_benchmark_writes_its_table_for_every_setting(tmp_path):
     summary = decode_main(["--config_preset", "tiny-llama", "--device", "cpu", "--dtype", "fp32", "--batch_sizes", "2",
                            "--contexts", "200", "--steps", "2", "--warmup", "1", "--block_size", "16",
-                           "--budgets", "48", "--selectors", "gate", "quest", "streaming", "--output", str(tmp_path)])
+                           "--budgets", "48", "--prefill_chunk", "64", "--selectors", "gate", "quest", "streaming", "--output", str(tmp_path)])
     rows = {r["label"]: r for r in summary["results"]}
     assert list(rows) == ["unpatched", "dense", "gate budget=48", "quest budget=48", "streaming budget=48"]
     assert rows["unpatched"]["decode_density"] is None and rows["dense"]["decode_density"] is None
