@@ -5,10 +5,11 @@ per-block summaries instead of the keys themselves: the decode gate's keys (`[h]
 head, 1/128 of the K/V cache at h = D and 64-token blocks) and, for the Quest bound, the per-block
 elementwise max and min of the keys.
 
-Summaries are derived data. Each attention call refreshes the blocks its new tokens touch, from the
-keys in the cache (the cache holds post-RoPE keys; the gate's pre-RoPE keys are recovered by undoing
-the rotation exactly). So the open block is rewritten at every step and is final when it completes,
-and a cropped cache needs nothing: blocks past the new length are rewritten before they are read
+Summaries are derived data, and only complete blocks are ever scored. A call refreshes the blocks its
+new tokens touch, each recomputed whole from the keys in the cache (the cache holds post-RoPE keys; the
+gate's pre-RoPE keys are recovered by undoing the rotation exactly); a decoding step whose token
+completes no block refreshes nothing, since the block it extends is recomputed when it completes. A
+cropped cache needs no more than its new length: blocks past it are recomputed before they are read
 again. Only operations that permute or resize the batch (beam search, `batch_select_indices`, ...)
 must be mirrored: the summaries hang on the cache layer object and its batch methods are wrapped.
 
@@ -46,6 +47,9 @@ class KeyBlockCache:
         self.summarized_tokens = 0
         # What the summaries hold ("gate", "quest"); a change means recomputing every block.
         self.kinds: frozenset[str] = frozenset()
+        # Each sequence's padding length modulo the block size: where its blocks complete (read from
+        # the device once, at the first refresh; a batch reorder keeps the set).
+        self.offset_residues: frozenset[int] | None = None
 
     # -- following the cache ------------------------------------------------------------------
 
@@ -72,6 +76,7 @@ class KeyBlockCache:
 
     def reset(self) -> None:
         self.cache_tokens = self.summarized_tokens = 0
+        self.offset_residues = None
 
     def count(self, new_tokens: int) -> None:
         """A call added `new_tokens` positions without refreshing the summaries."""
@@ -104,10 +109,16 @@ class KeyBlockCache:
         kinds = frozenset(kind for kind, wanted in (("gate", gate is not None), ("quest", quest)) if wanted)
         if kinds != self.kinds:
             self.kinds, self.summarized_tokens = kinds, 0
+        size = self.block_size
+        if self.offset_residues is None or self.summarized_tokens == 0:
+            self.offset_residues = frozenset(offset % size for offset in seq_offsets.tolist())
+        if (new_tokens == 1 and self.summarized_tokens == self.cache_tokens
+                and all((self.cache_tokens + 1 - residue) % size for residue in self.offset_residues)):
+            self.cache_tokens = self.summarized_tokens = self.cache_tokens + 1  # no block completes
+            return
         first_position = min(self.summarized_tokens, self.cache_tokens)
         self.cache_tokens += new_tokens
         batch, kv_heads, capacity_tokens, dim = keys.shape
-        size = self.block_size
         capacity = -(-max(capacity_tokens, self.cache_tokens) // size)
         device = keys.device
         count = self.cache_tokens - first_position
