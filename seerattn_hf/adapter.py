@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import CONFIG_NAME, SeerAttentionConfig, read_json_object
@@ -27,7 +27,7 @@ from .patching import (
     remove_seer_attention,
     require_patched,
 )
-from .utils import atomic_path, atomic_write_text
+from .utils import atomic_files, atomic_write_safetensors, atomic_write_text
 from .version import __version__
 
 WEIGHTS_NAME = "seer_gates.safetensors"
@@ -85,7 +85,7 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the gate adapter of a patched model to folder `path` (created if needed).
 
     Files: `seer_gates.safetensors`, `seer_config.json` (the SeerAttentionConfig, the library version
-    and the base model's layout) and a `README.md` model card. Each file is written atomically. A
+    and the base model's layout) and a `README.md` model card, replaced together (all or none). A
     README.md that this library did not write is left as it is. `model` may be a PEFT model or
     another wrapper.
     """
@@ -95,16 +95,17 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config, layout = model.seer_config, model_layout(model)
     layers = [attention.seer_state.layer_idx for attention in patched_attention_modules(model)]
-    with atomic_path(folder / WEIGHTS_NAME) as temporary:
-        save_file(gate_state_dict(model), temporary, metadata={"format": "pt", "library": LIBRARY_NAME})
-    config.replace(layers=layers).save_json(folder / CONFIG_NAME,
-                                            extra={"library_version": __version__, "base_model_layout": layout})
-    card = folder / "README.md"
-    if card.exists() and not _is_our_model_card(card):
-        warnings.warn(f"{card} exists and was not written by {LIBRARY_NAME}: left unchanged (no model card written)",
-                      stacklevel=2)
-    else:
-        atomic_write_text(card, _model_card(config, layout))
+    with atomic_files():  # a failed save leaves the previous adapter whole, never new tensors with an old config
+        atomic_write_safetensors(folder / WEIGHTS_NAME, gate_state_dict(model),
+                                 metadata={"format": "pt", "library": LIBRARY_NAME})
+        config.replace(layers=layers).save_json(folder / CONFIG_NAME,
+                                                extra={"library_version": __version__, "base_model_layout": layout})
+        card = folder / "README.md"
+        if card.exists() and not _is_our_model_card(card):
+            warnings.warn(f"{card} exists and was not written by {LIBRARY_NAME}: left unchanged (no model card "
+                          "written)", stacklevel=2)
+        else:
+            atomic_write_text(card, _model_card(config, layout))
     return folder
 
 

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..adapter import load_gate_weights, save_gates
-from ..utils import atomic_path, atomic_write_text, fsync_directory
+from ..utils import atomic_write_safetensors, atomic_write_text, fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -135,25 +135,36 @@ def _latest_checkpoint(output_dir: str | os.PathLike) -> Path:
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerState, model, optimizer, scheduler,
                     save_total_limit: int | None) -> Path:
-    """Write checkpoint-<step> atomically: into a temporary folder, renamed when complete, then point
-    `latest` at it (also atomically) and prune old ones beyond `save_total_limit`. Every process calls it.
+    """Write checkpoint-<step> atomically: into a hidden temporary folder, renamed when complete, then
+    point `latest` at it (also atomically) and prune old ones beyond `save_total_limit`. Every process
+    calls it. A failed write removes the temporary folder; the next save removes those of a killed run.
 
     `model` is the prepared model, `optimizer` the torch optimizer of the gates (not accelerate's wrapper)."""
     root = checkpoint_root(output_dir)
     final, temporary = root / f"checkpoint-{state.step}", root / f".checkpoint-{state.step}.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".*.tmp"):  # left by a run killed while writing a checkpoint or `latest`
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        temporary.mkdir()
     accelerator.wait_for_everyone()
-    _write_json(temporary / rng_state_file(accelerator.process_index), rng_state(), indent=None)
-    optimizer_state = _optimizer_state_dict(model, optimizer)
-    if accelerator.is_main_process:
-        save_gates(accelerator.unwrap_model(model), temporary / GATES)  # whole on every process, FSDP included
-        _write_optimizer_state(temporary, optimizer_state)
-        _write_json(temporary / SCHEDULER, scheduler_state(scheduler))
-        if accelerator.scaler is not None:
-            _write_json(temporary / GRAD_SCALER, accelerator.scaler.state_dict())
-        _write_json(temporary / TRAINER_STATE, dataclasses.asdict(state))
+    try:
+        _write_json(temporary / rng_state_file(accelerator.process_index), rng_state(), indent=None)
+        optimizer_state = _optimizer_state_dict(model, optimizer)
+        if accelerator.is_main_process:
+            save_gates(accelerator.unwrap_model(model), temporary / GATES)  # whole on every process, FSDP included
+            _write_optimizer_state(temporary, optimizer_state)
+            _write_json(temporary / SCHEDULER, scheduler_state(scheduler))
+            if accelerator.scaler is not None:
+                _write_json(temporary / GRAD_SCALER, accelerator.scaler.state_dict())
+            _write_json(temporary / TRAINER_STATE, dataclasses.asdict(state))
+    except BaseException:
+        if accelerator.is_main_process:  # a failed write (a full disk): no partial checkpoint is kept
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
     # Every process writes its own RNG state into the temporary folder: all must be done before
     # the main process renames it.
     accelerator.wait_for_everyone()
@@ -163,17 +174,19 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerSt
             shutil.rmtree(final)
         os.replace(temporary, final)
         atomic_write_text(root / LATEST, final.name + "\n")  # (also makes the rename above durable)
-        _prune_checkpoints(root, save_total_limit)
+        _prune_checkpoints(root, save_total_limit, keep=state.step)
     accelerator.wait_for_everyone()
     return final
 
 
-def _prune_checkpoints(root: Path, limit: int | None) -> None:
+def _prune_checkpoints(root: Path, limit: int | None, keep: int) -> None:
+    """Remove the oldest checkpoints beyond `limit`, never checkpoint-<keep> (the one `latest` names,
+    which a new run in the folder of a longer one writes below that run's steps)."""
     if limit is None:
         return
-    steps = sorted(step for step in (checkpoint_step(p.name) for p in root.iterdir() if p.is_dir())
-                   if step is not None)
-    for step in steps[:-limit]:
+    others = sorted((step for step in (checkpoint_step(p.name) for p in root.iterdir() if p.is_dir())
+                     if step is not None and step != keep), reverse=True)
+    for step in others[limit - 1:]:
         shutil.rmtree(root / f"checkpoint-{step}")
 
 
@@ -193,8 +206,7 @@ def _write_optimizer_state(folder: Path, optimizer_state: dict) -> None:
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"optimizer state of {name}: expected tensors, found {entry}={value!r}")
             tensors[f"{name}/{entry}"] = value.contiguous()
-    with atomic_path(folder / OPTIMIZER_TENSORS) as temporary:
-        save_file(tensors, temporary)
+    atomic_write_safetensors(folder / OPTIMIZER_TENSORS, tensors)
     _write_json(folder / OPTIMIZER_GROUPS, {"param_groups": optimizer_state["param_groups"]})
 
 
