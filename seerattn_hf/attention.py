@@ -20,7 +20,7 @@ from .ops.block_sparse_attn import (
     triton_block_sparse_attention,
 )
 from .ops.pooled_attn import naive_pooled_attention, triton_pooled_attention
-from .policy import SparsityPolicy
+from .policy import RANKING_METHODS, SparsityPolicy
 from .selectors import (
     kept_block_counts,
     pooled_score_probs,
@@ -156,18 +156,24 @@ def _gate_inputs_or_fail(state: SeerLayerState):
     return captured_query.detach(), captured_key.detach()
 
 
-def _block_probs(state: SeerLayerState, gate: SeerGate, query, key, value, scale,
-                 seq_offsets) -> torch.Tensor:
+def _selection_scores(state: SeerLayerState, gate: SeerGate, query, key, value, scale,
+                      seq_offsets) -> torch.Tensor:
+    """`[B, HQ, NB, NB]` block scores for `select_block_lists`: probabilities, or for the ranking
+    methods anything in the same order."""
     policy = state.policy
     if policy.selector == "gate":
         captured_query, captured_key = _gate_inputs_or_fail(state)
+        # A threshold reads the gate's softmax in its compute dtype, as the published gates do. The
+        # ranking methods read float32 log-probabilities, ordered as the raw scores the published
+        # top-k ranks (a bf16 softmax would tie the blocks whose probabilities round alike or underflow).
         with torch.no_grad():
-            return gate(captured_query, captured_key, seq_offsets, probabilities=True)
+            return gate(captured_query, captured_key, seq_offsets,
+                        probabilities=policy.sparsity_method not in RANKING_METHODS)
     if policy.selector == "oracle":
         return pooled_attention(query, key, value, state.block_size, scale, seq_offsets, policy.backend)[1]
     if policy.selector == "pooled_score":
         return pooled_score_probs(query, key, state.block_size, seq_offsets)
-    # "streaming": the policy guarantees sparsity_method="density" (a ranking, not probabilities).
+    # "streaming": the policy guarantees a ranking method (its scores are a ranking, not probabilities).
     blocks = num_blocks(query.shape[2], state.block_size)
     return streaming_scores(query.shape[0], query.shape[1], blocks, query.device)
 
@@ -214,10 +220,10 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
         state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
         return output, None
 
-    probs = _block_probs(state, gate, query, key, value, scale, seq_offsets)
+    scores = _selection_scores(state, gate, query, key, value, scale, seq_offsets)
     if policy.mask_sharing == "kv_group":
-        probs = share_across_kv_group(probs, key.shape[1])
-    block_idx, block_count = select_block_lists(policy, probs, row_valid)
+        scores = share_across_kv_group(scores, key.shape[1])
+    block_idx, block_count = select_block_lists(policy, scores, row_valid)
     kept, causal = kept_block_counts(block_count, row_valid)
     # Counted per query head whatever the mask sharing, so the statistics outlive a policy change.
     groups = query.shape[1] // kept.shape[0]

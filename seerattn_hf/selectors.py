@@ -1,9 +1,10 @@
 """Block selection: block scores (gate, oracle or a training-free baseline) -> a block mask.
 
 Every selector produces scores `[B, H, NB, NB]` that are probabilities over each row's causal key
-blocks; `select_blocks` turns them into a boolean block mask by threshold, density (per-row top-k),
-coverage or nz_ratio (the published gates' fixed top-k), then adds the blocks that are always kept. `mask_to_block_lists` packs the mask into
-the compact per-row lists the kernels walk.
+blocks (the ranking methods need only their order, so the gate gives them log-probabilities);
+`select_blocks` turns them into a boolean block mask by threshold, density (per-row top-k), coverage
+or nz_ratio (the published gates' fixed top-k), then adds the blocks that are always kept.
+`mask_to_block_lists` packs the mask into the compact per-row lists the kernels walk.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def block_density_counts(mask: torch.Tensor, row_valid: torch.Tensor | None) -> 
 
 def share_across_kv_group(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """One score map per KV head for `mask_sharing="kv_group"`: the max over the group's query heads
-    (a block any head needs is kept for the whole group)."""
+    (a block any head needs is kept for the whole group; the max of log-probabilities ranks alike)."""
     batch, heads, blocks, _ = probs.shape
     return probs.view(batch, num_kv_heads, heads // num_kv_heads, blocks, blocks).amax(dim=2)
 
