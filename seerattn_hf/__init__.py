@@ -3,7 +3,7 @@
 Importing the package needs neither a GPU nor triton: the Triton kernels load on first use.
 """
 
-from .adapter import from_pretrained, load_gate_weights, push_gates_to_hub, save_gates
+from .adapter import convert_published_gates, from_pretrained, load_gate_weights, push_gates_to_hub, save_gates
 from .config import SeerAttentionConfig
 from .gate_config import GateConfig
 from .patching import (
@@ -27,6 +27,7 @@ __all__ = [
     "SparsityPolicy",
     "__version__",
     "apply_seer_attention",
+    "convert_published_gates",
     "from_pretrained",
     "gate_parameters",
     "get_sparsity_stats",

@@ -1,7 +1,9 @@
 """Gate adapters: a folder holding the gate tensors (safetensors), a JSON config and a model card.
 
-Loading is strict: every expected tensor must be present with its shape, nothing else may be, and
-the model the gates go into must have the architecture they were trained for.
+Loading also reads the gates the SeerAttention authors published (`config.json` and
+`attn_gate_weights.pth`, see `published.py`), and `convert_published_gates` writes them in this
+library's format. Loading is strict: every expected tensor must be present with its shape, nothing
+else may be, and the model the gates go into must have the architecture they were trained for.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -18,7 +22,7 @@ from torch import nn
 from .config import CONFIG_NAME, SeerAttentionConfig, read_json_object
 from .embedded import resolve_model_path
 from .gate import gate_weight_shapes
-from .gate_config import GATE_FIELDS
+from .gate_config import GATE_FIELDS, LOAD_TIME_GATE_FIELDS
 from .patching import (
     apply_seer_attention,
     causal_lm,
@@ -27,6 +31,14 @@ from .patching import (
     remove_seer_attention,
     require_patched,
 )
+from .published import (
+    PUBLISHED_CONFIG_NAME,
+    PUBLISHED_WEIGHTS_NAME,
+    is_published_config,
+    load_published_tensors,
+    published_config,
+    published_key,
+)
 from .utils import atomic_files, atomic_write_safetensors, atomic_write_text
 from .version import __version__
 
@@ -34,15 +46,26 @@ WEIGHTS_NAME = "seer_gates.safetensors"
 LIBRARY_NAME = "seerattn_hf"
 # Keys of the adapter config that describe the base model the gates fit.
 LAYOUT_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+# What a Hub download of an adapter fetches: either format's files and the model card.
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", PUBLISHED_CONFIG_NAME, PUBLISHED_WEIGHTS_NAME)
+
+
+def config_layout(values: dict, source: str) -> dict:
+    """The base-model facts a gate file depends on (`LAYOUT_KEYS`), from a model config's values."""
+    missing = [key for key in ("model_type", "num_hidden_layers", "num_attention_heads") if values.get(key) is None]
+    if values.get("head_dim") is None and values.get("hidden_size") is None:
+        missing.append("head_dim or hidden_size")
+    if missing:
+        raise ValueError(f"{source}: expected the base model's config fields, found no {missing}")
+    heads = values["num_attention_heads"]
+    return {"model_type": values["model_type"], "num_hidden_layers": values["num_hidden_layers"],
+            "num_attention_heads": heads, "num_key_value_heads": values.get("num_key_value_heads") or heads,
+            "head_dim": values.get("head_dim") or values["hidden_size"] // heads}
 
 
 def model_layout(model: nn.Module) -> dict:
     """The base-model facts a gate file depends on."""
-    config = causal_lm(model).config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
-            "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim}
+    return config_layout(causal_lm(model).config.to_dict(), "the model's config")
 
 
 def gate_tensors(attention: nn.Module) -> dict[str, torch.Tensor]:
@@ -58,15 +81,17 @@ def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for attention in patched_attention_modules(model) for key, tensor in gate_tensors(attention).items()}
 
 
-def _model_card(config: SeerAttentionConfig, layout: dict) -> str:
+def _model_card(config: SeerAttentionConfig, layout: dict, converted_from: str | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     base = config.base_model_name_or_path
     data = ModelCardData(library_name=LIBRARY_NAME, base_model=base if base and not os.path.isdir(base) else None,
                          tags=["seerattention", "sparse-attention", "long-context", layout["model_type"]])
+    origin = (f"Converted by `seerattn-convert` from `{converted_from}`, gates published by the SeerAttention "
+              "authors: the same tensors, stored as safetensors.\n\n" if converted_from else "")
     body = (f"# SeerAttention gates for {base or 'a ' + layout['model_type'] + ' model'}\n\n"
             f"Learned block-sparse attention gates ({config.block_size}-token blocks, gate width "
-            f"{config.gate_hidden_size}) for the {layout['num_hidden_layers']}-layer base model.\n\n"
+            f"{config.gate_hidden_size}) for the {layout['num_hidden_layers']}-layer base model.\n\n{origin}"
             "```python\nimport seerattn_hf\n\nmodel = seerattn_hf.from_pretrained(\"<this repo or folder>\")\n```\n")
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
@@ -91,21 +116,24 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     model = causal_lm(model)
     require_patched(model)
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    config, layout = model.seer_config, model_layout(model)
     layers = [attention.seer_state.layer_idx for attention in patched_attention_modules(model)]
+    return _write_adapter(Path(path), model.seer_config.replace(layers=layers), model_layout(model),
+                          gate_state_dict(model))
+
+
+def _write_adapter(folder: Path, config: SeerAttentionConfig, layout: dict, tensors: dict[str, torch.Tensor],
+                   converted_from: str | None = None) -> Path:
+    """The adapter files of `save_gates`, from a config, the base model's layout and the gate tensors."""
+    folder.mkdir(parents=True, exist_ok=True)
     with atomic_files():  # a failed save leaves the previous adapter whole, never new tensors with an old config
-        atomic_write_safetensors(folder / WEIGHTS_NAME, gate_state_dict(model),
-                                 metadata={"format": "pt", "library": LIBRARY_NAME})
-        config.replace(layers=layers).save_json(folder / CONFIG_NAME,
-                                                extra={"library_version": __version__, "base_model_layout": layout})
+        atomic_write_safetensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt", "library": LIBRARY_NAME})
+        config.save_json(folder / CONFIG_NAME, extra={"library_version": __version__, "base_model_layout": layout})
         card = folder / "README.md"
         if card.exists() and not _is_our_model_card(card):
             warnings.warn(f"{card} exists and was not written by {LIBRARY_NAME}: left unchanged (no model card "
-                          "written)", stacklevel=2)
+                          "written)", stacklevel=3)
         else:
-            atomic_write_text(card, _model_card(config, layout))
+            atomic_write_text(card, _model_card(config, layout, converted_from))
     return folder
 
 
@@ -118,7 +146,7 @@ def _resolve_folder(path_or_hub_id: str | os.PathLike, revision: str | None, cac
                     local_files_only: bool) -> Path:
     if os.path.isdir(path_or_hub_id):
         return Path(path_or_hub_id)
-    if os.path.exists(path_or_hub_id) or str(path_or_hub_id).endswith((".json", ".safetensors")):
+    if os.path.exists(path_or_hub_id) or str(path_or_hub_id).endswith((".json", ".safetensors", ".pth")):
         raise ValueError(f"expected a gate adapter folder or a Hub repo id, found the file {path_or_hub_id!r}")
     if isinstance(path_or_hub_id, os.PathLike) or _looks_like_a_path(str(path_or_hub_id)):
         raise FileNotFoundError(f"expected a gate adapter folder at {str(path_or_hub_id)!r}, found no such folder")
@@ -128,7 +156,7 @@ def _resolve_folder(path_or_hub_id: str | os.PathLike, revision: str | None, cac
     try:
         return Path(snapshot_download(str(path_or_hub_id), revision=revision, cache_dir=cache_dir, token=token,
                                       local_files_only=local_files_only,
-                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"]))
+                                      allow_patterns=list(ADAPTER_FILES)))
     except HFValidationError as error:
         raise ValueError(f"expected a gate adapter folder or a Hub repo id ('owner/name'), found {path_or_hub_id!r}, "
                          f"which is neither a folder here nor a valid repo id ({error})") from None
@@ -137,14 +165,48 @@ def _resolve_folder(path_or_hub_id: str | os.PathLike, revision: str | None, cac
                                 f"({type(error).__name__}: {error})") from error
 
 
-def _read_adapter_config(folder: Path) -> tuple[SeerAttentionConfig, dict]:
+@dataclass(frozen=True)
+class StoredGates:
+    """An adapter folder as read from disk, in this library's format or the published one.
+
+    layout: the base-model facts the gates fit (`LAYOUT_KEYS`; adapters of release 0.1.0 may lack some).
+    shapes: the file's tensor names -> shapes. read_tensors: the file's tensors, by their names there.
+    published: the published format, whose tensor names differ from ours (`file_key`).
+    """
+
+    config: SeerAttentionConfig
+    layout: dict
+    weights_path: Path
+    shapes: dict[str, tuple[int, ...]]
+    read_tensors: Callable[[], dict[str, torch.Tensor]]
+    published: bool = False
+
+    def file_key(self, key: str) -> str:
+        """Our tensor name (`layers.{i}.k_weight`) -> its name in the file."""
+        return published_key(key) if self.published else key
+
+
+def read_stored_gates(folder: Path) -> StoredGates:
+    """Read an adapter folder: `seer_config.json` and `seer_gates.safetensors` (only the header now),
+    or the published `config.json` and `attn_gate_weights.pth` (its tensors now: a pickle has no header)."""
     config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a SeerAttention gate adapter: {CONFIG_NAME} is missing")
-    values = read_json_object(config_path)
-    _warn_if_newer(values.get("library_version"), config_path)
-    config = SeerAttentionConfig.from_dict(values, source=str(config_path))
-    return config, values.get("base_model_layout") or {}
+    if config_path.is_file():
+        values = read_json_object(config_path)
+        _warn_if_newer(values.get("library_version"), config_path)
+        config = SeerAttentionConfig.from_dict(values, source=str(config_path))
+        weights_path = folder / WEIGHTS_NAME
+        return StoredGates(config, values.get("base_model_layout") or {}, weights_path, _stored_shapes(weights_path),
+                           lambda: load_file(str(weights_path)))
+    published_path = folder / PUBLISHED_CONFIG_NAME
+    values = read_json_object(published_path) if published_path.is_file() else {}
+    if not is_published_config(values):
+        raise FileNotFoundError(f"{folder} is not a SeerAttention gate adapter: {CONFIG_NAME} is missing, and it "
+                                f"holds no {PUBLISHED_CONFIG_NAME} with seerattn_* settings (the published gates)")
+    layout = config_layout(values, str(published_path))
+    config = published_config(values, layout["head_dim"], str(published_path))
+    tensors = load_published_tensors(folder / PUBLISHED_WEIGHTS_NAME)
+    return StoredGates(config, layout, folder / PUBLISHED_WEIGHTS_NAME,
+                       {key: tuple(tensor.shape) for key, tensor in tensors.items()}, lambda: tensors, published=True)
 
 
 def _warn_if_newer(written_by, source: Path) -> None:
@@ -188,29 +250,35 @@ def expected_gate_shapes(config: SeerAttentionConfig, layout: dict) -> dict[str,
     return {f"layers.{i}.{name}": shape for i in layers for name, shape in per_layer.items()}
 
 
-def check_gate_file(weights_path: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    """Raise `ValueError` unless the file holds exactly the `expected` tensors, with their shapes."""
-    stored = _stored_shapes(weights_path)
-    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+def check_gate_file(stored: StoredGates, expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise `ValueError` unless the file holds exactly the `expected` tensors (our names -> shapes);
+    the messages name the tensors as the file does."""
+    expected = {stored.file_key(key): shape for key, shape in expected.items()}
+    found, path = stored.shapes, stored.weights_path
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{weights_path} does not match the gated layers: missing {missing[:8]}"
+        raise ValueError(f"{path} does not match the gated layers: missing {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}")
-    wrong = [f"{key}: file {stored[key]}, model {expected[key]}" for key in expected if stored[key] != expected[key]]
+    wrong = [f"{key}: file {found[key]}, model {expected[key]}" for key in expected if found[key] != expected[key]]
     if wrong:
-        raise ValueError(f"{weights_path} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
+        raise ValueError(f"{path} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
+
+
+def _copy_gate_tensors(model: nn.Module, stored: StoredGates) -> None:
+    targets = {key: tensor for attention in patched_attention_modules(model)
+               for key, tensor in gate_tensors(attention).items()}
+    check_gate_file(stored, {key: tuple(tensor.shape) for key, tensor in targets.items()})
+    loaded = stored.read_tensors()
+    with torch.no_grad():
+        for key, tensor in targets.items():
+            tensor.copy_(loaded[stored.file_key(key)])
 
 
 def load_gate_weights(model: nn.Module, folder: str | os.PathLike) -> None:
-    """Load `seer_gates.safetensors` into a patched model, checking keys and shapes strictly."""
-    weights_path = Path(folder) / WEIGHTS_NAME
-    expected = {key: tensor for attention in patched_attention_modules(model)
-                for key, tensor in gate_tensors(attention).items()}
-    check_gate_file(weights_path, {key: tuple(tensor.shape) for key, tensor in expected.items()})
-    loaded = load_file(str(weights_path))
-    with torch.no_grad():
-        for key, tensor in expected.items():
-            tensor.copy_(loaded[key])
+    """Load the gate tensors of an adapter folder (either format) into a patched model, checking keys
+    and shapes strictly."""
+    _copy_gate_tensors(model, read_stored_gates(Path(folder)))
 
 
 def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None = None, *,
@@ -218,23 +286,25 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
                     local_files_only: bool = False, model_kwargs: dict | None = None, **overrides) -> nn.Module:
     """Load a gate adapter (folder or Hub id) into `model`, or into the base model it names.
 
-    `overrides` change sparse-prefill settings at load time (e.g. `threshold=5e-4`,
-    `sparsity_method="density", density=0.3`); fields that fix the gates' shape cannot be
-    overridden. `model_kwargs` go to `AutoModelForCausalLM.from_pretrained` when `model` is None.
+    The adapter is this library's (`seer_config.json`, `seer_gates.safetensors`) or one of the gates
+    the SeerAttention authors published (`config.json` with `seerattn_*` settings,
+    `attn_gate_weights.pth`, read without unpickling anything but tensors). `overrides` change
+    sparse-prefill settings at load time (e.g. `threshold=5e-4`, `sparsity_method="density",
+    density=0.3`) and `compute_dtype`; fields that fix the gates' shape cannot be overridden.
+    `model_kwargs` go to `AutoModelForCausalLM.from_pretrained` when `model` is None.
     """
     folder = _resolve_folder(path_or_hub_id, revision, cache_dir, token, local_files_only)
-    config, layout = _read_adapter_config(folder)
-    fixed = sorted(set(overrides) & set(GATE_FIELDS))
+    stored = read_stored_gates(folder)
+    fixed = sorted(set(overrides) & (set(GATE_FIELDS) - set(LOAD_TIME_GATE_FIELDS)))
     if fixed:
         raise ValueError(f"{fixed} are fixed by the saved gates and cannot be overridden at load time")
-    config = config.replace(**overrides)
-    weights_path = folder / WEIGHTS_NAME
+    config, layout = stored.config.replace(**overrides), stored.layout
     layout_known = set(LAYOUT_KEYS) <= set(layout)
     if layout_known:  # checked before any base-model weight is loaded
-        check_gate_file(weights_path, expected_gate_shapes(config, layout))
+        check_gate_file(stored, expected_gate_shapes(config, layout))
     if model is None:
         if not config.base_model_name_or_path:
-            raise ValueError(f"{folder / CONFIG_NAME} names no base model; pass model=")
+            raise ValueError(f"the gates in {folder} name no base model; pass model=")
         from transformers import AutoModelForCausalLM
 
         path, gguf_file = resolve_model_path(config.base_model_name_or_path)
@@ -245,14 +315,34 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
     if is_patched(model):
         raise ValueError("the model already has SeerAttention gates; call remove_seer_attention first")
     if not layout_known:  # checked before any gate exists
-        check_gate_file(weights_path, expected_gate_shapes(config, model_layout(model)))
+        check_gate_file(stored, expected_gate_shapes(config, model_layout(model)))
     apply_seer_attention(model, config)
     try:
-        load_gate_weights(model, folder)
+        _copy_gate_tensors(model, stored)
     except Exception:
         remove_seer_attention(model)
         raise
     return wrapper
+
+
+def convert_published_gates(source: str | os.PathLike, destination: str | os.PathLike, *,
+                            revision: str | None = None, cache_dir: str | None = None,
+                            token: str | bool | None = None, local_files_only: bool = False) -> Path:
+    """Write published gates (folder or Hub id) as this library's adapter in folder `destination`.
+
+    The tensors are the published ones, unchanged (bf16), stored as safetensors, and the config
+    carries the published settings (see `published_config`): loading the result gives exactly what
+    loading `source` gives, and unpickles nothing. Keys and shapes are checked as when loading.
+    """
+    stored = read_stored_gates(_resolve_folder(source, revision, cache_dir, token, local_files_only))
+    if not stored.published:
+        raise ValueError(f"expected published gates ({PUBLISHED_CONFIG_NAME}, {PUBLISHED_WEIGHTS_NAME}) at "
+                         f"{str(source)!r}, found a {LIBRARY_NAME} adapter ({CONFIG_NAME}): nothing to convert")
+    expected = expected_gate_shapes(stored.config, stored.layout)
+    check_gate_file(stored, expected)
+    tensors = stored.read_tensors()
+    ours = {key: tensors[stored.file_key(key)].contiguous() for key in expected}
+    return _write_adapter(Path(destination), stored.config, stored.layout, ours, converted_from=str(source))
 
 
 def push_gates_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None, token: str | None = None,

@@ -126,7 +126,8 @@ def test_hub_ids_resolve_through_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
     sa.from_pretrained("org/gates", model=tiny_model("llama"), revision="v1", local_files_only=True)
     assert seen["repo_id"] == "org/gates" and seen["revision"] == "v1" and seen["local_files_only"] is True
-    assert set(seen["allow_patterns"]) == {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
+    # Either format's files: ours, or the published config.json and attn_gate_weights.pth.
+    assert set(seen["allow_patterns"]) == {CONFIG_NAME, WEIGHTS_NAME, "README.md", "config.json", "attn_gate_weights.pth"}
 
 
 def test_offline_hub_id_without_cache_raises(tmp_path, monkeypatch):
