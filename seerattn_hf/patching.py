@@ -7,14 +7,12 @@ itself is rerouted through transformers' attention-function registry.
 
 from __future__ import annotations
 
-import copy
 import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .attention import MODES, SeerLayerState, seer_attention_forward
 from .attention_registry import attention_function, register_attention_function
@@ -104,20 +102,6 @@ def _architecture(model: nn.Module) -> ArchitectureSpec:
     return ARCHITECTURES[model_type]
 
 
-def _gate_rope(model: nn.Module, gate_hidden_size: int) -> tuple[torch.Tensor, float]:
-    """The base model's rope type and parameters, recomputed for the gate width."""
-    gate_config = copy.deepcopy(model.config)
-    gate_config.head_dim = gate_hidden_size
-    rope_parameters = getattr(gate_config, "rope_parameters", None) or {}
-    rope_type = rope_parameters.get("rope_type", "default")
-    if rope_type == "default":
-        theta = rope_parameters.get("rope_theta") or getattr(model.config, "rope_theta", None) or 10000.0
-        steps = torch.arange(0, gate_hidden_size, 2, dtype=torch.float32)
-        return 1.0 / (theta ** (steps / gate_hidden_size)), 1.0
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](gate_config, "cpu")
-    return inv_freq.float(), float(scaling)
-
-
 def _target_layers(model: nn.Module, gate_config: GateConfig) -> list[int]:
     count = len(decoder_layers(model))
     layers = list(range(count)) if gate_config.layers is None else list(gate_config.layers)
@@ -198,7 +182,7 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
     num_heads, num_kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
     # Raises, while the model is still unchanged, if the gate layout cannot fit this model.
     gate_weight_shapes(gate_config, num_heads, num_kv_heads, decoder_layers(model)[layers[0]].self_attn.head_dim)
-    inv_freq, rope_scaling = _gate_rope(model, gate_config.gate_hidden_size)
+    inv_freq, rope_scaling = rope_frequencies(text_config, gate_config.gate_hidden_size)
     dense_attention = _dense_attention_function(original, spec)
     devices = {i: _gate_device(decoder_layers(model)[i].self_attn, spec, i) for i in layers}
     decode_config = config.decode_gate
