@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import CONFIG_NAME, SeerAttentionConfig, read_json_object
+from .decode_gate import decode_gate_weight_shapes
 from .embedded import resolve_model_path
 from .gate import gate_weight_shapes
 from .gate_config import GATE_FIELDS, LOAD_TIME_GATE_FIELDS
@@ -43,6 +44,8 @@ from .utils import atomic_files, atomic_write_safetensors, atomic_write_text
 from .version import __version__
 
 WEIGHTS_NAME = "seer_gates.safetensors"
+# Decode-gate tensors sit beside the prefill gate's: `layers.{i}.decode.{name}`.
+DECODE_PREFIX = "decode."
 LIBRARY_NAME = "seerattn_hf"
 # Keys of the adapter config that describe the base model the gates fit.
 LAYOUT_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
@@ -70,9 +73,13 @@ def model_layout(model: nn.Module) -> dict:
 
 def gate_tensors(attention: nn.Module) -> dict[str, torch.Tensor]:
     """The gate tensors of one gated attention module, as they are (no copy), keyed as in the adapter
-    file: `layers.{i}.{q_weight|k_weight}`."""
-    return {f"layers.{attention.seer_state.layer_idx}.{name}": tensor
-            for name, tensor in attention.seer_gate.state_dict().items()}
+    file: `layers.{i}.{q_weight|k_weight}` and, for a decode gate, `layers.{i}.decode.{name}`."""
+    prefix = f"layers.{attention.seer_state.layer_idx}."
+    tensors = {prefix + name: tensor for name, tensor in attention.seer_gate.state_dict().items()}
+    decode_gate = getattr(attention, "seer_decode_gate", None)
+    if decode_gate is not None:
+        tensors.update({f"{prefix}{DECODE_PREFIX}{name}": tensor for name, tensor in decode_gate.state_dict().items()})
+    return tensors
 
 
 def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -245,9 +252,15 @@ def _stored_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
 def expected_gate_shapes(config: SeerAttentionConfig, layout: dict) -> dict[str, tuple[int, ...]]:
     """The gate tensors (name -> shape) that gates of `config` have in a model of `layout`."""
     layers = config.layers if config.layers is not None else range(layout["num_hidden_layers"])
-    per_layer = gate_weight_shapes(config.gate, layout["num_attention_heads"], layout["num_key_value_heads"],
-                                   layout["head_dim"])
-    return {f"layers.{i}.{name}": shape for i in layers for name, shape in per_layer.items()}
+    heads = (layout["num_attention_heads"], layout["num_key_value_heads"], layout["head_dim"])
+    per_layer = gate_weight_shapes(config.gate, *heads)
+    shapes = {f"layers.{i}.{name}": shape for i in layers for name, shape in per_layer.items()}
+    if config.decode_gate is not None:
+        decode_layers = config.decode_gate.layers if config.decode_gate.layers is not None else layers
+        per_layer = decode_gate_weight_shapes(config.decode_gate, *heads)
+        shapes.update({f"layers.{i}.{DECODE_PREFIX}{name}": shape for i in decode_layers
+                       for name, shape in per_layer.items()})
+    return shapes
 
 
 def check_gate_file(stored: StoredGates, expected: dict[str, tuple[int, ...]]) -> None:

@@ -66,6 +66,20 @@ class DecodeGateConfig:
 DECODE_GATE_FIELDS = field_names(DecodeGateConfig)
 
 
+def decode_gate_weight_shapes(config: DecodeGateConfig, num_heads: int, num_kv_heads: int,
+                              head_dim: int) -> dict[str, tuple[int, ...]]:
+    """The parameters (name -> shape) of one layer's decode gate in a model with these attention heads."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    hidden, groups = config.gate_hidden_size, num_heads // num_kv_heads
+    shapes = {"q_weight": (num_kv_heads, groups, head_dim, hidden) if config.q_head_map == "linear"
+              else (num_kv_heads, head_dim, hidden),
+              "k_weight": (num_kv_heads, head_dim * len(config.k_pooling), hidden)}
+    if config.qk_norm:
+        shapes.update(q_norm_weight=(hidden,), k_norm_weight=(hidden,))
+    return shapes
+
+
 def pool_key_blocks(keys: torch.Tensor, valid: torch.Tensor, kinds: tuple[str, ...]) -> torch.Tensor:
     """Pool blocks of keys over their valid tokens.
 
@@ -95,21 +109,14 @@ class SeerDecodeGate(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, config: DecodeGateConfig,
                  rope_inv_freq: torch.Tensor, rope_scaling: float = 1.0):
         super().__init__()
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        shapes = decode_gate_weight_shapes(config, num_heads, num_kv_heads, head_dim)
         hidden = config.gate_hidden_size
         if rope_inv_freq.shape != (hidden // 2,):
             raise ValueError(f"rope_inv_freq should have shape ({hidden // 2},), found {tuple(rope_inv_freq.shape)}")
         self.config = config
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        groups = num_heads // num_kv_heads
-        q_shape = (num_kv_heads, groups, head_dim, hidden) if config.q_head_map == "linear" else (
-            num_kv_heads, head_dim, hidden)
-        self.q_weight = nn.Parameter(torch.empty(q_shape))
-        self.k_weight = nn.Parameter(torch.empty(num_kv_heads, head_dim * len(config.k_pooling), hidden))
-        if config.qk_norm:
-            self.q_norm_weight = nn.Parameter(torch.ones(hidden))
-            self.k_norm_weight = nn.Parameter(torch.ones(hidden))
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.ones(shape)))
         self.register_buffer("rope_inv_freq", rope_inv_freq.float(), persistent=False)
         self.rope_scaling = rope_scaling
         self.reset_parameters()

@@ -282,8 +282,10 @@ def update_sparsity_config(model: nn.Module, policy: SparsityPolicy | None = Non
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of every gate (what distillation trains)."""
-    return [parameter for attention in require_patched(model) for parameter in attention.seer_gate.parameters()]
+    """The parameters of every gate, prefill and decode (what distillation trains)."""
+    return [parameter for attention in require_patched(model)
+            for gate in (attention.seer_gate, getattr(attention, "seer_decode_gate", None)) if gate is not None
+            for parameter in gate.parameters()]
 
 
 def pop_distill_records(model: nn.Module) -> list:

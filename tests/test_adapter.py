@@ -266,3 +266,25 @@ def test_gate_shapes_are_checked_before_the_gates_exist(tmp_path, monkeypatch):
                         lambda *a, **k: pytest.fail("the base model was loaded before the gate file was checked"))
     with pytest.raises(ValueError, match="wrong shape"):
         sa.from_pretrained(folder)
+
+
+def test_an_adapter_holds_decode_gates_beside_prefill_gates(tmp_path):
+    from seerattn_hf.decode_gate import DecodeGateConfig
+
+    decode_gate = DecodeGateConfig(block_size=16, gate_hidden_size=8, q_head_map="mean", layers=[1])
+    model = _patched("qwen3", decode_gate=decode_gate, decode_selector="gate", decode_token_budget=32)
+    with torch.no_grad():
+        for parameter in sa.gate_parameters(model):
+            parameter.normal_()
+    folder = sa.save_gates(model, tmp_path / "gates")
+    stored = load_file(str(folder / WEIGHTS_NAME))
+    assert {k for k in stored if ".decode." in k} == {"layers.1.decode.q_weight", "layers.1.decode.k_weight",
+                                                       "layers.1.decode.q_norm_weight", "layers.1.decode.k_norm_weight"}
+    assert stored["layers.1.decode.q_weight"].shape == (2, 16, 8)
+    loaded = sa.from_pretrained(folder, model=tiny_model("qwen3"))
+    assert loaded.seer_config.decode_gate == decode_gate and loaded.seer_config.decode_selector == "gate"
+    assert all(torch.equal(a, b) for a, b in zip(sa.gate_parameters(model), sa.gate_parameters(loaded)))
+    del stored["layers.1.decode.k_norm_weight"]
+    save_file(stored, str(folder / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=r"missing \['layers.1.decode.k_norm_weight'\]"):
+        sa.from_pretrained(folder, model=tiny_model("qwen3"))
