@@ -5,6 +5,7 @@ Importing the package needs neither a GPU nor triton: the Triton kernels load on
 
 from .adapter import convert_published_gates, from_pretrained, load_gate_weights, push_gates_to_hub, save_gates
 from .config import SeerAttentionConfig
+from .decode_gate import DecodeGateConfig
 from .gate_config import GateConfig
 from .patching import (
     SUPPORTED_MODEL_TYPES,
@@ -21,6 +22,7 @@ from .policy import SparsityPolicy
 from .version import __version__
 
 __all__ = [
+    "DecodeGateConfig",
     "GateConfig",
     "SUPPORTED_MODEL_TYPES",
     "SeerAttentionConfig",
