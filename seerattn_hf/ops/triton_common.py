@@ -91,3 +91,9 @@ def descriptor_ready(x):
     """x with a contiguous last dim and 16-byte aligned base and strides (a tensor descriptor's needs)."""
     aligned = x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1])
     return x if x.stride(-1) == 1 and aligned else x.contiguous()
+
+
+def check_power_of_two(name, value, low, high):
+    """Tile sizes the kernels take: a power of two in [low, high]."""
+    if not low <= value <= high or value & (value - 1):
+        raise ValueError(f"expected {name} a power of two in [{low}, {high}]; found {value}")
