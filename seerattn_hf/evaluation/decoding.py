@@ -214,3 +214,47 @@ def decode_main(argv: list[str] | None = None) -> dict:
     plot_decode(rows, output / "decode.png")
     print(decode_markdown(summary))
     return summary
+
+
+@torch.inference_mode()
+def decoding_quality(model: nn.Module, input_ids: torch.Tensor, prompt_length: int, settings: list[DecodeSetting],
+                     greedy_tokens: int = 64) -> list[dict]:
+    """How sparse decoding changes what a patched model predicts, before any decode gate is trained.
+
+    input_ids: `[1, T]` one document. After a dense prefill of its first `prompt_length` tokens, the
+    rest is fed one token per step, every step decoded with the setting (teacher forcing): the
+    perplexity of those tokens. Then `greedy_tokens` are generated from the prompt alone: the share
+    equal to the dense generation's and how many come before the first difference.
+    Rows: `{"label", "ppl", "decode_density", "greedy_agreement", "greedy_prefix"}`; "dense" first.
+    """
+    import math
+
+    import seerattn_hf as sa
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    prompt = input_ids[:, :prompt_length]
+    rows, dense_generation = [], None
+    for setting in [DecodeSetting("dense")] + [s for s in settings if s.selector not in ("dense", "unpatched")]:
+        selector = None if setting.selector == "dense" else setting.selector
+        sa.set_attention_mode(model, "sparse")
+        sa.update_sparsity_config(model, decode_selector=selector, decode_token_budget=setting.token_budget or 2048)
+        sa.reset_sparsity_stats(model)
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        losses = []
+        for position in range(prompt_length, input_ids.shape[1]):
+            target = input_ids[:, position]
+            losses.append(torch.nn.functional.cross_entropy(logits.float(), target))
+            logits = model(input_ids=target[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        density = sa.get_sparsity_stats(model)["decode_density"]
+        generation = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=greedy_tokens,
+                                    min_new_tokens=greedy_tokens, do_sample=False)[0, prompt_length:]
+        dense_generation = generation if dense_generation is None else dense_generation
+        same = (generation == dense_generation[: len(generation)]).tolist()
+        rows.append({"label": setting.label, "selector": setting.selector, "token_budget": setting.token_budget,
+                     "ppl": math.exp(float(torch.stack(losses).mean())), "decode_density": density,
+                     "greedy_agreement": sum(same) / len(same),
+                     "greedy_prefix": same.index(False) if False in same else len(same)})
+    return rows

