@@ -141,6 +141,7 @@ SPLIT_TILE = 16  # splits merged per step of the combine kernel
 
 
 @functools.lru_cache(maxsize=None)
+@functools.cache
 def multiprocessor_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
