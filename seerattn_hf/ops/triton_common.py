@@ -56,10 +56,8 @@ def check_attention_inputs(q, k, v, block_size):
     if not (q.is_cuda or interpreting()) or k.device != q.device or v.device != q.device:
         raise ValueError(f"expected q, k, v on one CUDA device (or TRITON_INTERPRET=1); found "
                          f"{q.device}, {k.device}, {v.device}")
-    if D < 16 or D > 256 or D & (D - 1):
-        raise ValueError(f"expected head_dim a power of two in [16, 256]; found {D}")
-    if block_size < 16 or block_size > 128 or block_size & (block_size - 1):
-        raise ValueError(f"expected block_size a power of two in [16, 128]; found {block_size}")
+    check_power_of_two("head_dim", D, 16, 256)
+    check_power_of_two("block_size", block_size, 16, 128)
     return B, HQ, HKV, T, D
 
 
