@@ -182,17 +182,16 @@ def test_a_cache_cropped_across_blocks_keeps_its_summaries_right(cache_kind, mon
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-3), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("selector", ["gate", "quest"])
-def test_the_triton_decode_path_matches_dense_at_full_budget_and_the_torch_path_below(selector, dtype, tolerance):
+def test_the_triton_decode_path_is_as_accurate_as_dense_sdpa(selector):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     base, patched = _pair(head_dim=64, num_heads=8, num_kv_heads=2)
-    base, patched = base.to("cuda", dtype), patched.to("cuda", dtype)
     ids, mask = _prompt(length=300)
     ids, mask = ids.cuda(), mask.cuda()
 
-    def step_logits(model, backend=None):
+    def step_logits(model, dtype, backend=None):
+        model.to("cuda", dtype)
         if backend is not None:
             sa.update_sparsity_config(model, backend=backend)
         with torch.no_grad():
@@ -203,9 +202,16 @@ def test_the_triton_decode_path_matches_dense_at_full_budget_and_the_torch_path_
                 logits.append(out.logits[:, -1].float())
         return torch.stack(logits, 1)
 
+    def rms(x):
+        return x.pow(2).mean().sqrt()
+
     sa.update_sparsity_config(patched, decode_selector=selector, decode_token_budget=4096)
-    torch.testing.assert_close(step_logits(patched, "triton"), step_logits(base), rtol=tolerance, atol=tolerance)
-    if dtype == torch.float32:  # in bf16 the kernels' last-bit differences change later selections
-        sa.update_sparsity_config(patched, decode_token_budget=128)
-        torch.testing.assert_close(step_logits(patched, "triton"), step_logits(patched, "torch"),
-                                   rtol=tolerance, atol=tolerance)
+    reference = step_logits(base, torch.float32)
+    torch.testing.assert_close(step_logits(patched, torch.float32, "triton"), reference, rtol=2e-3, atol=2e-3)
+    # In bf16, the kernel's error against float32 stays within that of the model's own SDPA.
+    sdpa_error = rms(step_logits(base, torch.bfloat16) - reference)
+    assert rms(step_logits(patched, torch.bfloat16, "triton") - reference) <= 1.5 * sdpa_error + 1e-3
+    # Below the budget, the Triton and torch decode paths keep the same blocks and agree.
+    sa.update_sparsity_config(patched, decode_token_budget=128)
+    torch.testing.assert_close(step_logits(patched, torch.float32, "triton"),
+                               step_logits(patched, torch.float32, "torch"), rtol=2e-3, atol=2e-3)
