@@ -303,9 +303,9 @@ def quality_main(argv: list[str] | None = None) -> dict:
                "continuation": ids.shape[1] - args.prompt_length, "greedy_tokens": args.greedy_tokens,
                "environment": environment(), "results": rows}
     table = [[r["label"], r["decode_density"], r["ppl"], r["greedy_agreement"], r["greedy_prefix"]] for r in rows]
-    markdown = (f"# Sparse decoding quality: {args.model}\\n\\nPrompt {args.prompt_length} tokens (dense prefill), "
+    markdown = (f"# Sparse decoding quality: {args.model}\n\nPrompt {args.prompt_length} tokens (dense prefill), "
                 f"{summary['continuation']} tokens decoded with teacher forcing; greedy: {args.greedy_tokens} tokens "
-                "against dense.\\n\\n" + markdown_table(["setting", "density", "ppl", "greedy agreement",
+                "against dense.\n\n" + markdown_table(["setting", "density", "ppl", "greedy agreement",
                                                         "tokens before the first difference"], table))
     write_json(output / "results.json", summary)
     write_text(output / "results.md", markdown)
