@@ -73,7 +73,7 @@ class DataArguments:
 
 @dataclass
 class GateArguments:
-    block_size: int = field(default=64, metadata={"help": "Tokens per attention block (16 to 128)."})
+    block_size: int = field(default=64, metadata={"help": "Tokens per attention block: 16, 32, 64 or 128."})
     gate_hidden_size: int = field(default=128, metadata={"help": "Width of the per-head gate projections."})
     layers: list[int] | None = field(default=None, metadata={
         "help": "Indices of the attention layers that get a gate; all when omitted."})
