@@ -160,7 +160,10 @@ def test_summaries_take_at_most_a_hundredth_of_the_kv_cache():
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 def test_a_cache_cropped_across_blocks_keeps_its_summaries_right(cache_kind, monkeypatch):
     from transformers import DynamicCache, StaticCache
+    from transformers.cache_utils import StaticLayer
 
+    if cache_kind == "static" and not hasattr(StaticLayer, "crop"):
+        pytest.skip("this transformers version cannot crop a StaticCache (5.17 cannot)")
     _, patched = _pair()
     sa.update_sparsity_config(patched, decode_selector="gate", decode_token_budget=32)
     ids = torch.randint(3, 96, (1, 90), generator=torch.Generator().manual_seed(4))
