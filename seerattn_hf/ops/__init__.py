@@ -2,5 +2,8 @@
 
 `block_sparse_attn`: causal attention over kept key blocks only (prefill with a gate mask).
 `pooled_attn`: dense causal attention that also returns the block-max-pooled probability map
-(the gate's distillation target). Triton is imported only when a Triton function is first called.
+(the gate's distillation target).
+`decode_attn`: attention of each sequence's newest token(s) over the kept key blocks of its KV cache,
+read in place (sparse decoding). `triton_common`: helpers the Triton kernels share.
+Triton is imported only when a Triton function is first called.
 """
