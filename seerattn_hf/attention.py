@@ -186,7 +186,10 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     query: `[B, HQ, T, D]` post-RoPE; key/value: `[B, HKV, S, D]`. Returns (`[B, T, HQ, D]`, None).
     """
     state: SeerLayerState | None = getattr(module, "seer_state", None)
-    if state is not None and state.mode != "distill" and hasattr(module, "seer_decode_state"):
+    decoding = getattr(module, "seer_decode_state", None)
+    # Dense decoding that never kept key summaries has nothing to do here: the model's own attention.
+    if (state is not None and state.mode != "distill" and decoding is not None
+            and (state.policy.decode_selector is not None or decoding.keeps_summaries)):
         decoded = sparse_decode_step(module, state.policy, state.mode == "sparse", *same_dtype(query, key, value),
                                      attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5,
                                      kwargs.get("position_ids"), state.captured_query)

@@ -31,6 +31,8 @@ class DecodeLayerState:
     block_size: int
     key_rope: tuple[torch.Tensor, float]
     cache: object | None = None
+    # Whether some cache of this layer has key summaries, which every later call must keep counting.
+    keeps_summaries: bool = False
     kept_blocks: torch.Tensor | None = None
     total_blocks: torch.Tensor | None = None
 
@@ -100,6 +102,7 @@ def sparse_decode_step(module, policy, sparse: bool, query: torch.Tensor, key: t
     selector = policy.decode_selector
     summaries = key_blocks_of(cache_layer, state.block_size,
                               lambda: int((offsets + lens)[0]) - new_tokens)
+    state.keeps_summaries = True
     summaries.refresh(key, offsets, lens, new_tokens, decode_gate if selector == "gate" else None,
                       state.key_rope, quest=selector == "quest")
     if new_tokens != 1:
