@@ -174,7 +174,6 @@ def _follow(cache_layer) -> None:
         wrap(name, lambda summaries, *args, _name=name, **kwargs: getattr(summaries, _name)(*args, **kwargs))
     wrap("crop", lambda summaries, *args, **kwargs: summaries.cropped(int(cache_layer.get_seq_length())))
     wrap("reset", lambda summaries, *args, **kwargs: summaries.reset())
-    cache_layer.seer_followed = True
 
 
 def key_blocks_of(cache_layer, block_size: int, cache_tokens) -> KeyBlockCache:
@@ -185,7 +184,7 @@ def key_blocks_of(cache_layer, block_size: int, cache_tokens) -> KeyBlockCache:
     """
     summaries = getattr(cache_layer, CACHE_ATTRIBUTE, None)
     if summaries is None or summaries.block_size != block_size:
-        if not getattr(cache_layer, "seer_followed", False):
+        if summaries is None:  # the layer's methods are wrapped once, with the first summaries
             _follow(cache_layer)
         summaries = KeyBlockCache(block_size, cache_tokens() if callable(cache_tokens) else cache_tokens)
         setattr(cache_layer, CACHE_ATTRIBUTE, summaries)

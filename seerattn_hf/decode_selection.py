@@ -80,10 +80,9 @@ def decode_block_lists(scores: torch.Tensor, current_block: torch.Tensor, block_
         weights = torch.nan_to_num(weights, nan=0.0)
         keep_score = torch.where(candidates & (weights > threshold), weights, float("-inf"))
         width = num_blocks
-    if keep_first_block:
-        first = torch.zeros(num_blocks, dtype=torch.bool, device=scores.device)
-        first[0] = True
-        keep_score = torch.where(first & candidates, float("inf"), keep_score)
+    if keep_first_block and num_blocks:
+        sink = torch.where(candidates[..., :1], float("inf"), keep_score[..., :1])
+        keep_score = torch.cat((sink, keep_score[..., 1:]), dim=-1)
     if width:
         top, index = keep_score.topk(width, dim=-1)
         chosen = (top > float("-inf")).sum(dim=-1)  # [B, HKV]

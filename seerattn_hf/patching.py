@@ -180,14 +180,18 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
     layers = _target_layers(model, gate_config)
     text_config = model.config
     num_heads, num_kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
+    head_dim = decoder_layers(model)[layers[0]].self_attn.head_dim
     # Raises, while the model is still unchanged, if the gate layout cannot fit this model.
-    gate_weight_shapes(gate_config, num_heads, num_kv_heads, decoder_layers(model)[layers[0]].self_attn.head_dim)
+    gate_weight_shapes(gate_config, num_heads, num_kv_heads, head_dim)
     inv_freq, rope_scaling = rope_frequencies(text_config, gate_config.gate_hidden_size)
     dense_attention = _dense_attention_function(original, spec)
     devices = {i: _gate_device(decoder_layers(model)[i].self_attn, spec, i) for i in layers}
     decode_config = config.decode_gate
     decode_layers = _decode_layers(decode_config, layers)
     decode_rope = rope_frequencies(text_config, decode_config.gate_hidden_size) if decode_config else None
+    # The model's own rope at head_dim: the decode summaries undo it to recover pre-RoPE keys.
+    key_rope = rope_frequencies(text_config, head_dim)
+    decode_block_size = decode_config.block_size if decode_config else gate_config.block_size
     registered_name = _registered_name(original)
 
     # Everything is checked: from here on the model changes.
@@ -195,7 +199,6 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
         layer.self_attn.seer_dense_attention = dense_attention
     for layer_idx in layers:
         attention = decoder_layers(model)[layer_idx].self_attn
-        head_dim = attention.head_dim
         gate = SeerGate(num_heads, num_kv_heads, head_dim, gate_config, inv_freq, rope_scaling)
         attention.seer_gate = gate.to(device=devices[layer_idx])
         state = SeerLayerState(layer_idx, gate_config.block_size, config.policy)
@@ -205,8 +208,7 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
         ]
         attention.seer_state = state
         # Every gated layer can decode sparsely (oracle, Quest and streaming need no decode gate).
-        decode_state = DecodeLayerState(layer_idx, decode_config.block_size if decode_config else gate_config.block_size,
-                                        rope_frequencies(text_config, head_dim))
+        decode_state = DecodeLayerState(layer_idx, decode_block_size, key_rope)
         state.hooks.append(attention.register_forward_pre_hook(cache_capture_hook(decode_state), with_kwargs=True))
         attention.seer_decode_state = decode_state
         if layer_idx in decode_layers:

@@ -163,23 +163,29 @@ def plot_decode(results: list[dict], path: Path) -> Path | None:
     return Path(path)
 
 
+def _add_decode_arguments(parser: argparse.ArgumentParser, dtype: str, selectors: list[str], choices: list[str],
+                          budgets: list[int], nargs: str = "+") -> None:
+    """The options both decoding scripts take: device, dtype, selectors, token budgets, block size, output."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default=dtype, choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--selectors", nargs=nargs, default=selectors, choices=choices)
+    parser.add_argument("--budgets", nargs=nargs, type=int, default=budgets, help="token budgets")
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--output", required=True)
+
+
 def decode_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Writes results.json, results.md "
                                      "and decode.png to --output.")
     parser.add_argument("--config_preset", default="llama-3.1-8b", choices=sorted(CONFIG_PRESETS))
     parser.add_argument("--num_layers", type=int, default=None, help="shrink the model to N layers")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--contexts", nargs="+", type=int, default=[32768])
-    parser.add_argument("--selectors", nargs="*", default=["gate", "quest"], choices=["gate", "oracle", "quest",
-                                                                                    "streaming"])
-    parser.add_argument("--budgets", nargs="*", type=int, default=[2048, 4096], help="token budgets")
-    parser.add_argument("--block_size", type=int, default=64)
+    _add_decode_arguments(parser, "bf16", ["gate", "quest"], ["gate", "oracle", "quest", "streaming"], [2048, 4096],
+                          nargs="*")  # none: only the unpatched model and dense decoding
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--prefill_chunk", type=int, default=8192, help="prompt tokens per prefill forward")
-    parser.add_argument("--output", required=True)
     return parser
 
 
@@ -269,17 +275,12 @@ def quality_parser() -> argparse.ArgumentParser:
                                      "greedy-generation agreement with dense decoding. Writes results.json "
                                      "and results.md to --output.")
     parser.add_argument("--model", default="embedded:smollm2-135m")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"])
+    _add_decode_arguments(parser, "fp32", ["oracle", "quest", "streaming"], ["oracle", "quest", "streaming"],
+                          [256, 512, 1024])
     parser.add_argument("--document", type=int, default=0, help="index of the embedded held-out play")
     parser.add_argument("--prompt_length", type=int, default=2048)
     parser.add_argument("--continuation", type=int, default=256, help="tokens decoded with teacher forcing")
     parser.add_argument("--greedy_tokens", type=int, default=64)
-    parser.add_argument("--selectors", nargs="+", default=["oracle", "quest", "streaming"],
-                        choices=["oracle", "quest", "streaming"])
-    parser.add_argument("--budgets", nargs="+", type=int, default=[256, 512, 1024])
-    parser.add_argument("--block_size", type=int, default=64)
-    parser.add_argument("--output", required=True)
     return parser
 
 
