@@ -277,7 +277,8 @@ def update_sparsity_config(model: nn.Module, policy: SparsityPolicy | None = Non
     if policy is not None and not isinstance(policy, SparsityPolicy):
         raise TypeError(f"policy: expected a SparsityPolicy, found {type(policy).__name__}")
     policy = (policy or model.seer_config.policy).replace(**changes)
-    model.seer_config = SeerAttentionConfig(gate=model.seer_config.gate, policy=policy)
+    model.seer_config = SeerAttentionConfig(gate=model.seer_config.gate, policy=policy,
+                                            decode_gate=model.seer_config.decode_gate)
     for attention in patched_attention_modules(model):
         attention.seer_state.policy = policy
     return model.seer_config

@@ -284,6 +284,11 @@ def test_an_adapter_holds_decode_gates_beside_prefill_gates(tmp_path):
     loaded = sa.from_pretrained(folder, model=tiny_model("qwen3"))
     assert loaded.seer_config.decode_gate == decode_gate and loaded.seer_config.decode_selector == "gate"
     assert all(torch.equal(a, b) for a, b in zip(sa.gate_parameters(model), sa.gate_parameters(loaded)))
+    # A policy change keeps the decode gate in the model's config, and so in what it saves.
+    sa.update_sparsity_config(model, decode_selector="quest")
+    assert model.seer_config.decode_gate == decode_gate
+    resaved = sa.from_pretrained(sa.save_gates(model, tmp_path / "resaved"), model=tiny_model("qwen3"))
+    assert resaved.seer_config.decode_gate == decode_gate and resaved.seer_config.decode_selector == "quest"
     del stored["layers.1.decode.k_norm_weight"]
     save_file(stored, str(folder / WEIGHTS_NAME))
     with pytest.raises(ValueError, match=r"missing \['layers.1.decode.k_norm_weight'\]"):
