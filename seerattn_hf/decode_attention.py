@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode_cache import key_blocks_of
+from .decode_cache import static_address, key_blocks_of
 from .decode_selection import decode_block_lists, oracle_scores, quest_scores, streaming_scores
-from .ops.decode_attn import naive_sparse_decode_attention, triton_sparse_decode_attention
+from .ops.decode_attn import sparse_decode_attention
 
 
 @dataclass
@@ -40,12 +40,22 @@ class DecodeLayerState:
         layers = getattr(self.cache, "layers", None)
         return layers[self.layer_idx] if layers is not None and self.layer_idx < len(layers) else None
 
+    def prepare_counts(self, kv_heads: int, device) -> None:
+        """Allocate the per-KV-head counters (before decoding: a compiled step only adds to them)."""
+        if self.kept_blocks is None or self.kept_blocks.shape != (kv_heads,) or self.kept_blocks.device != device:
+            self.kept_blocks = static_address(torch.zeros(kv_heads, dtype=torch.long, device=device))
+            self.total_blocks = static_address(torch.zeros(kv_heads, dtype=torch.long, device=device))
+
     def add_counts(self, kept: torch.Tensor, total: torch.Tensor) -> None:
-        # Kept on the device: reading them would synchronise every layer at every step.
-        if self.kept_blocks is None:
-            self.kept_blocks, self.total_blocks = kept, total
-        else:
-            self.kept_blocks, self.total_blocks = self.kept_blocks + kept, self.total_blocks + total
+        # Kept on the device, and added in place: reading them would synchronise every layer at
+        # every step, and a CUDA graph replays writes into the same memory.
+        self.kept_blocks.add_(kept)
+        self.total_blocks.add_(total)
+
+    def reset_counts(self) -> None:
+        if self.kept_blocks is not None:
+            self.kept_blocks.zero_()
+            self.total_blocks.zero_()
 
 
 def cache_capture_hook(state: DecodeLayerState):
@@ -105,6 +115,7 @@ def sparse_decode_step(module, policy, sparse: bool, query: torch.Tensor, key: t
     state.keeps_summaries = True
     summaries.refresh(key, offsets, lens, new_tokens, decode_gate if selector == "gate" else None,
                       state.key_rope, quest=selector == "quest")
+    state.prepare_counts(key.shape[1], key.device)
     if new_tokens != 1:
         return None
 
@@ -127,7 +138,7 @@ def sparse_decode_step(module, policy, sparse: bool, query: torch.Tensor, key: t
         scores, current_block, size, policy.decode_sparsity_method, policy.decode_token_budget,
         policy.decode_threshold, policy.decode_keep_first_block, probabilities=selector == "gate")
     state.add_counts(block_count.sum(dim=0), (current_block + 1).sum().expand(block_count.shape[1]))
-    attend = (triton_sparse_decode_attention if key.is_cuda and policy.backend in ("auto", "triton")
-              else naive_sparse_decode_attention)
-    output = attend(newest, key, value, block_idx, block_count, size, lens, scale=scale, seq_offsets=offsets)
+    use_triton = key.is_cuda and policy.backend in ("auto", "triton")
+    output = sparse_decode_attention(newest, key, value, block_idx, block_count, size, lens, scale, offsets,
+                                     use_triton)
     return output[:, None]

@@ -28,14 +28,25 @@ CACHE_ATTRIBUTE = "seer_key_blocks"
 BATCH_METHODS = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
 
 
+def static_address(tensor: torch.Tensor) -> torch.Tensor:
+    """Tag a tensor that compiled decoding updates in place, as transformers tags its static KV cache:
+    CUDA graphs then take it as a fixed input instead of skipping the graph."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(tensor)
+    return tensor
+
+
 class KeyBlockCache:
     """The summaries of one layer's cache. Tensors are allocated on first use, with one spare block
     slot at the end that takes the writes of blocks that do not exist (every write is a fixed-shape
     scatter, with no data-dependent control flow).
 
-    `cache_tokens` counts the cache's positions (padding included) and `summarized_tokens` how many of
-    them the summaries account for; both are Python ints kept in step with the cache, so no call reads
-    a tensor back from the device.
+    Eager calls keep two Python ints in step with the cache, so that no call reads a tensor back from
+    the device and a decoding step completing no block costs nothing: `cache_tokens`, the cache's
+    positions (padding included), and `summarized_tokens`, how many of them the summaries account for
+    (None: all of them). A compiled decoding step cannot keep ints without recompiling at every step:
+    it recomputes the newest block of each sequence from the cache (a fixed-shape update) and leaves
+    `cache_tokens` None (unknown), which the next eager call reads back from the device once.
     """
 
     def __init__(self, block_size: int, cache_tokens: int = 0):
@@ -43,8 +54,8 @@ class KeyBlockCache:
         self.gate_keys: torch.Tensor | None = None  # [B, HKV, NB + 1, h] float32
         self.key_max: torch.Tensor | None = None  # [B, HKV, NB + 1, D] the cache's dtype
         self.key_min: torch.Tensor | None = None
-        self.cache_tokens = cache_tokens
-        self.summarized_tokens = 0
+        self.cache_tokens: int | None = cache_tokens
+        self.summarized_tokens: int | None = 0
         # What the summaries hold ("gate", "quest"); a change means recomputing every block.
         self.kinds: frozenset[str] = frozenset()
         # Each sequence's padding length modulo the block size: where its blocks complete (read from
@@ -59,28 +70,38 @@ class KeyBlockCache:
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         for name in self._tensors():
             tensor = getattr(self, name)
-            setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+            setattr(self, name, static_address(tensor.index_select(0, beam_idx.to(tensor.device))))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for name in self._tensors():
-            setattr(self, name, getattr(self, name)[indices])
+            setattr(self, name, static_address(getattr(self, name)[indices]))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for name in self._tensors():
-            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+            setattr(self, name, static_address(getattr(self, name).repeat_interleave(repeats, dim=0)))
 
     def cropped(self, cache_tokens: int) -> None:
-        """The cache now holds `cache_tokens` positions; summaries of blocks past them are stale."""
+        """The cache now holds `cache_tokens` positions; summaries of blocks past them are stale (and
+        a partial block is recomputed whole when it completes, as always)."""
+        summarized = self.summarized_tokens if self.summarized_tokens is not None else cache_tokens
+        self.summarized_tokens = min(summarized, cache_tokens)
         self.cache_tokens = cache_tokens
-        self.summarized_tokens = min(self.summarized_tokens, cache_tokens)
 
     def reset(self) -> None:
-        self.cache_tokens = self.summarized_tokens = 0
+        self.cache_tokens, self.summarized_tokens = 0, None
         self.offset_residues = None
 
     def count(self, new_tokens: int) -> None:
         """A call added `new_tokens` positions without refreshing the summaries."""
-        self.cache_tokens += new_tokens
+        if torch.compiler.is_compiling():
+            # Compiled dense decoding: how far the summaries reach is no longer known; the next
+            # refresh recomputes every block.
+            self.cache_tokens, self.summarized_tokens = None, 0
+            return
+        if self.summarized_tokens is None:
+            self.summarized_tokens = self.cache_tokens if self.cache_tokens is not None else 0
+        if self.cache_tokens is not None:
+            self.cache_tokens += new_tokens
 
     # -- refreshing --------------------------------------------------------------------------
 
@@ -88,11 +109,11 @@ class KeyBlockCache:
         """The tensor `name` with room for `shape[2] - 1` blocks, grown (contents kept) when needed."""
         tensor = getattr(self, name)
         if tensor is None or tensor.shape[0] != shape[0] or tensor.dtype != dtype or tensor.device != device:
-            tensor = torch.zeros(shape, dtype=dtype, device=device)
+            tensor = static_address(torch.zeros(shape, dtype=dtype, device=device))
         elif tensor.shape[2] < shape[2]:
             grown = torch.zeros(shape, dtype=dtype, device=device)
             grown[:, :, : tensor.shape[2] - 1] = tensor[:, :, :-1]
-            tensor = grown
+            tensor = static_address(grown)
         setattr(self, name, tensor)
         return tensor
 
@@ -110,20 +131,43 @@ class KeyBlockCache:
         if kinds != self.kinds:
             self.kinds, self.summarized_tokens = kinds, 0
         size = self.block_size
+        capacity_blocks = -(-keys.shape[2] // size)
+        if torch.compiler.is_compiling():
+            if self.summarized_tokens is None and new_tokens == 1:
+                newest = (seq_lens - 1).clamp(min=0) // size
+                self._recompute(keys, seq_offsets, seq_lens, newest, 1, capacity_blocks, gate, key_rope, quest)
+            else:  # every block, in one fixed-shape pass
+                first = torch.zeros_like(seq_lens)
+                self._recompute(keys, seq_offsets, seq_lens, first, capacity_blocks, capacity_blocks, gate,
+                                key_rope, quest)
+            self.cache_tokens, self.summarized_tokens = None, None
+            return
+        if self.cache_tokens is None:  # compiled steps ran: one read from the device
+            self.cache_tokens = int((seq_offsets + seq_lens)[0]) - new_tokens
         if self.offset_residues is None or self.summarized_tokens == 0:
             self.offset_residues = frozenset(offset % size for offset in seq_offsets.tolist())
-        if (new_tokens == 1 and self.summarized_tokens == self.cache_tokens
+        if (new_tokens == 1 and self.summarized_tokens is None
                 and all((self.cache_tokens + 1 - residue) % size for residue in self.offset_residues)):
-            self.cache_tokens = self.summarized_tokens = self.cache_tokens + 1  # no block completes
+            self.cache_tokens += 1  # no block completes
             return
-        first_position = min(self.summarized_tokens, self.cache_tokens)
+        first_position = self.cache_tokens if self.summarized_tokens is None else self.summarized_tokens
         self.cache_tokens += new_tokens
-        batch, kv_heads, capacity_tokens, dim = keys.shape
-        capacity = -(-max(capacity_tokens, self.cache_tokens) // size)
-        device = keys.device
+        capacity_blocks = max(capacity_blocks, -(-self.cache_tokens // size))
         count = self.cache_tokens - first_position
-        num_blocks = (count + size - 2) // size + 1  # blocks a run of `count` positions can touch
         first_block = (first_position - seq_offsets).clamp(min=0) // size
+        self._recompute(keys, seq_offsets, seq_lens, first_block, (count + size - 2) // size + 1,
+                        capacity_blocks, gate, key_rope, quest)
+        self.summarized_tokens = None
+
+    def _recompute(self, keys: torch.Tensor, seq_offsets: torch.Tensor, seq_lens: torch.Tensor,
+                   first_block: torch.Tensor, num_blocks: int, capacity_blocks: int,
+                   gate: SeerDecodeGate | None, key_rope, quest: bool) -> None:
+        """Recompute, whole from the cache, the summaries of blocks `first_block[b] + [0, num_blocks)`
+        of each sequence b (those past its last token go to the spare slot); storage holds
+        `capacity_blocks` blocks."""
+        size = self.block_size
+        batch, kv_heads, capacity_tokens, dim = keys.shape
+        device = keys.device
         last_block = (seq_lens - 1).clamp(min=0) // size
         blocks = first_block[:, None] + torch.arange(num_blocks, device=device)  # [B, R]
         exists = blocks <= last_block[:, None]
@@ -133,14 +177,14 @@ class KeyBlockCache:
         gathered = keys.gather(2, cache_index.view(batch, 1, -1, 1).expand(batch, kv_heads, -1, dim))
         gathered = gathered.view(batch, kv_heads, num_blocks, size, dim)
         valid_heads = valid[:, None].expand(batch, kv_heads, num_blocks, size)
-        slot = torch.where(exists, blocks, capacity).view(batch, 1, num_blocks, 1)  # the spare slot for none
+        slot = torch.where(exists, blocks, capacity_blocks).view(batch, 1, num_blocks, 1)  # spare slot for none
 
         if gate is not None:
             inv_freq, scaling = key_rope
             pre_rope = apply_rope(gathered, positions[:, None], inv_freq, scaling, inverse=True)
             pooled = pool_key_blocks(pre_rope, valid_heads, gate.config.k_pooling)
             gate_keys = gate.keys(pooled, blocks * size)
-            storage = self._storage("gate_keys", (batch, kv_heads, capacity + 1, gate_keys.shape[-1]),
+            storage = self._storage("gate_keys", (batch, kv_heads, capacity_blocks + 1, gate_keys.shape[-1]),
                                     torch.float32, device)
             storage.scatter_(2, slot.expand(-1, kv_heads, -1, gate_keys.shape[-1]), gate_keys)
         if quest:
@@ -148,9 +192,8 @@ class KeyBlockCache:
             high = gathered.masked_fill(~mask, float("-inf")).amax(dim=3)
             low = gathered.masked_fill(~mask, float("inf")).amin(dim=3)
             for name, values in (("key_max", high), ("key_min", low)):
-                storage = self._storage(name, (batch, kv_heads, capacity + 1, dim), keys.dtype, device)
+                storage = self._storage(name, (batch, kv_heads, capacity_blocks + 1, dim), keys.dtype, device)
                 storage.scatter_(2, slot.expand(-1, kv_heads, -1, dim), values.to(keys.dtype))
-        self.summarized_tokens = self.cache_tokens
 
 
 def _follow(cache_layer) -> None:

@@ -332,4 +332,4 @@ def get_sparsity_stats(model: nn.Module) -> dict:
 def reset_sparsity_stats(model: nn.Module) -> None:
     for attention in require_patched(model):
         attention.seer_state.kept_blocks = attention.seer_state.causal_blocks = None
-        attention.seer_decode_state.kept_blocks = attention.seer_decode_state.total_blocks = None
+        attention.seer_decode_state.reset_counts()

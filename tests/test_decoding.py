@@ -218,3 +218,86 @@ def test_the_triton_decode_path_is_as_accurate_as_dense_sdpa(selector):
     sa.update_sparsity_config(patched, decode_token_budget=128)
     torch.testing.assert_close(step_logits(patched, torch.float32, "triton"),
                                step_logits(patched, torch.float32, "torch"), rtol=2e-3, atol=2e-3)
+
+
+def _compile_config(backend):
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, backend=backend, mode="reduce-overhead" if backend == "inductor" else None,
+                           dynamic=False)
+    config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+    return config
+
+
+@pytest.mark.parametrize("selector", ["gate", "quest"])
+def test_compiled_decoding_is_one_graph_that_decodes_like_eager(selector):
+    import torch._dynamo
+
+    _, patched = _pair()
+    ids, mask = _prompt(length=37)
+    sa.update_sparsity_config(patched, decode_selector=selector, decode_token_budget=32)
+    eager = _generate(patched, ids, mask, cache_implementation="static")
+    eager_stats = sa.get_sparsity_stats(patched)
+    sa.reset_sparsity_stats(patched)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    # fullgraph: a graph break (data-dependent Python, an untraceable kernel launch) fails the call.
+    compiled = _generate(patched, ids, mask, cache_implementation="static", compile_config=_compile_config("aot_eager"))
+    assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation at any step
+    stats = sa.get_sparsity_stats(patched)
+    assert (stats["decode_kept_blocks"], stats["decode_blocks"]) == (eager_stats["decode_kept_blocks"],
+                                                                      eager_stats["decode_blocks"])
+
+
+@pytest.mark.parametrize("dense_steps_between", [False, True])
+def test_eager_calls_after_compiled_steps_find_the_summaries_right(dense_steps_between, monkeypatch):
+    """Prefill eager, decode compiled, decode eager again on the same cache (and, between, compiled
+    steps that decode densely): the same logits as decoding eagerly throughout."""
+    import torch._dynamo
+    from transformers import StaticCache
+
+    _, patched = _pair()
+    ids = torch.randint(3, 96, (1, 100), generator=torch.Generator().manual_seed(5))
+    sa.update_sparsity_config(patched, decode_selector="gate", decode_token_budget=32)
+    torch._dynamo.reset()
+    compiled_forward = torch.compile(patched.forward, backend="aot_eager", fullgraph=True)
+
+    def logits(forward_of_step):
+        cache = StaticCache(config=patched.config, max_cache_len=128)
+        with torch.no_grad():
+            patched(input_ids=ids[:, :40], past_key_values=cache)
+            out = []
+            for t in range(40, 100):
+                forward, dense = forward_of_step(t)
+                sa.update_sparsity_config(patched, decode_selector=None if dense else "gate")
+                out.append(forward(input_ids=ids[:, t:t + 1], past_key_values=cache,
+                                   position_ids=torch.tensor([[t]]), cache_position=torch.tensor([t])).logits)
+        return torch.cat(out)
+
+    def eager_only(t):
+        return patched, dense_steps_between and 60 <= t < 75
+
+    def mixed(t):  # compiled through two block completions, then eager
+        return (compiled_forward if t < 80 else patched), dense_steps_between and 60 <= t < 75
+
+    torch.testing.assert_close(logits(mixed), logits(eager_only), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selector", ["gate", "quest"])
+def test_decoding_under_cuda_graphs_matches_eager(selector):
+    """generate() with a static cache and torch.compile(mode="reduce-overhead"): the Triton decode
+    kernel runs inside CUDA graphs and decodes what eager decoding does."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import torch._dynamo
+
+    _, patched = _pair(head_dim=64, num_heads=8, num_kv_heads=2)
+    patched.cuda()
+    ids, mask = (x.cuda() for x in _prompt(length=300))
+    sa.update_sparsity_config(patched, decode_selector=selector, decode_token_budget=128)
+    eager = _generate(patched, ids, mask, cache_implementation="static")
+    torch._dynamo.reset()
+    compiled = _generate(patched, ids, mask, cache_implementation="static", compile_config=_compile_config("inductor"))
+    assert torch.equal(compiled, eager)

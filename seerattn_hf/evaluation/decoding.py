@@ -1,9 +1,11 @@
 """Decoding speed: per-step latency and tokens/s of `model(next_token, cache)` after a long prompt,
-for the unpatched model, the patched model decoding densely, and sparse decoding settings.
+for the unpatched model, the patched model decoding densely, and sparse decoding settings; eager
+(a DynamicCache) and compiled (a StaticCache, `torch.compile(mode="reduce-overhead")`: CUDA graphs).
 
 Every setting decodes from the same prefilled cache: after a setting's steps the cache is cropped
-back to the prompt (the key summaries follow the crop). Untrained (random) decode gates cost what
-trained ones do: the kernel reads as many blocks either way.
+back to the prompt (the key summaries follow the crop), or, for a static cache, the next setting
+writes the same positions again. Untrained (random) decode gates cost what trained ones do: the
+kernel reads as many blocks either way.
 
 `python scripts/bench_decode.py --config_preset llama-3.1-8b --batch_sizes 1 16 --contexts 32768`
 """
@@ -45,6 +47,9 @@ def _step(model: nn.Module, token: torch.Tensor, cache) -> None:
     model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
+MODES = ("eager", "compiled")
+
+
 @torch.inference_mode()
 def time_decoding(model: nn.Module, cache, token: torch.Tensor, warmup: int, steps: int) -> list[float]:
     """Seconds of each of `steps` decoding steps after `warmup` untimed ones; the cache is cropped
@@ -52,6 +57,49 @@ def time_decoding(model: nn.Module, cache, token: torch.Tensor, warmup: int, ste
     times = time_runs(lambda: _step(model, token, cache), token.device, warmup, steps)
     cache.crop(-(warmup + steps))
     return times
+
+
+def _takes_cache_position(model: nn.Module) -> bool:
+    import inspect
+
+    return "cache_position" in inspect.signature(model.forward).parameters
+
+
+@torch.inference_mode()
+def time_compiled_decoding(model: nn.Module, cache, token: torch.Tensor, context: int, warmup: int,
+                           steps: int, backend: str = "inductor") -> list[float]:
+    """As `time_decoding`, through `torch.compile(mode="reduce-overhead", fullgraph=True)` over a
+    StaticCache holding `context` prompt positions (compiled afresh: the warm-up compiles and records
+    the CUDA graph). Positions are passed as tensors, as generate() does. backend: another
+    torch.compile backend (no CUDA graphs), for tests."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    forward = torch.compile(model.forward, backend=backend, fullgraph=True,
+                            mode="reduce-overhead" if backend == "inductor" else None)
+    batch, device = token.shape[0], token.device
+    positions = iter(range(context, context + warmup + steps))
+    with_cache_position = _takes_cache_position(model)
+
+    def step():
+        position = torch.full((1,), next(positions), dtype=torch.long, device=device)
+        extra = {"cache_position": position} if with_cache_position else {}
+        forward(input_ids=token, past_key_values=cache, position_ids=position.expand(batch, 1), use_cache=True,
+                logits_to_keep=1, **extra)
+
+    times = time_runs(step, device, warmup, steps)
+    if all(hasattr(layer, "crop") for layer in cache.layers):
+        cache.crop(-(warmup + steps))
+    return times
+
+
+def _prefill(model: nn.Module, ids: torch.Tensor, cache, chunk: int) -> None:
+    with_cache_position = _takes_cache_position(model)
+    for start in range(0, ids.shape[1], chunk):
+        piece = ids[:, start:start + chunk]
+        extra = ({"cache_position": torch.arange(start, start + piece.shape[1], device=ids.device)}
+                 if with_cache_position else {})
+        model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
 
 
 def _apply(model: nn.Module, setting: DecodeSetting, patch) -> None:
@@ -72,12 +120,13 @@ def _apply(model: nn.Module, setting: DecodeSetting, patch) -> None:
 
 @torch.inference_mode()
 def benchmark_decoding(model: nn.Module, batch_sizes: list[int], contexts: list[int], settings: list[DecodeSetting],
-                       warmup: int, steps: int, patch, on_point_done=None, prefill_chunk: int = 8192) -> list[dict]:
-    """One row per (batch, context, setting): median step latency, tokens/s and the decode density.
-    The prompt is prefilled in chunks of `prefill_chunk` tokens (the activations of a whole batch of
-    long prompts at once would not fit beside the cache)."""
+                       warmup: int, steps: int, patch, on_point_done=None, prefill_chunk: int = 8192,
+                       modes: tuple[str, ...] = ("eager",), compile_backend: str = "inductor") -> list[dict]:
+    """One row per (batch, context, mode, setting): median step latency, tokens/s and the decode
+    density. The prompt is prefilled in chunks of `prefill_chunk` tokens (the activations of a whole
+    batch of long prompts at once would not fit beside the cache); one cache at a time."""
     import seerattn_hf as sa
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -87,33 +136,47 @@ def benchmark_decoding(model: nn.Module, batch_sizes: list[int], contexts: list[
         for context in contexts:
             ids = torch.randint(low, model.config.vocab_size, (batch, context), generator=generator).to(device)
             token = ids[:, -1:]
-            try:
-                _apply(model, settings[0], patch)
-                if sa.patching.is_patched(model):
-                    sa.set_attention_mode(model, "dense")
-                cache = DynamicCache(config=model.config)
-                for start in range(0, context, prefill_chunk):
-                    model(input_ids=ids[:, start:start + prefill_chunk], past_key_values=cache, use_cache=True,
-                          logits_to_keep=1)
-                # An untimed pass first: the cache's first growth past the prompt allocates device
-                # memory that every later pass reuses, and would be charged to the first setting.
-                time_decoding(model, cache, token, warmup, steps)
-                for setting in settings:
-                    _apply(model, setting, patch)
-                    times = time_decoding(model, cache, token, warmup, steps)
-                    latency = statistics.median(times)
-                    density = (sa.get_sparsity_stats(model)["decode_density"] if sa.patching.is_patched(model)
-                               else None)
-                    rows.append({"batch": batch, "context": context, **asdict(setting), "label": setting.label,
-                                 "step_s": latency, "tokens_per_s": batch / latency, "decode_density": density})
-                del cache
-            except torch.OutOfMemoryError as error:
-                rows.append({"batch": batch, "context": context, "label": "all", "error": f"out of memory: {error}"[:200]})
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            if on_point_done is not None:
-                on_point_done(rows)
+            for mode in modes:
+                point = {"batch": batch, "context": context, "mode": mode}
+                cache = None
+                try:
+                    _apply(model, settings[0], patch)
+                    if sa.patching.is_patched(model):
+                        sa.set_attention_mode(model, "dense")
+                    if mode == "eager":
+                        cache = DynamicCache(config=model.config)
+                        _prefill(model, ids, cache, prefill_chunk)
+                        # An untimed pass first: the cache's first growth past the prompt allocates
+                        # device memory that every later pass reuses, and would be charged to the first setting.
+                        time_decoding(model, cache, token, warmup, steps)
+                    else:
+                        cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps)
+                        _prefill(model, ids, cache, prefill_chunk)
+                    for setting in settings:
+                        _apply(model, setting, patch)
+                        try:
+                            times = (time_decoding(model, cache, token, warmup, steps) if mode == "eager"
+                                     else time_compiled_decoding(model, cache, token, context, warmup, steps,
+                                                                compile_backend))
+                        except torch.OutOfMemoryError:
+                            raise
+                        except Exception as error:  # a setting that fails to compile is reported, not fatal
+                            rows.append({**point, **asdict(setting), "label": setting.label,
+                                         "error": f"{type(error).__name__}: {error}"[:300]})
+                            continue
+                        latency = statistics.median(times)
+                        density = (sa.get_sparsity_stats(model)["decode_density"] if sa.patching.is_patched(model)
+                                   else None)
+                        rows.append({**point, **asdict(setting), "label": setting.label, "step_s": latency,
+                                     "tokens_per_s": batch / latency, "decode_density": density})
+                except torch.OutOfMemoryError as error:
+                    rows.append({**point, "label": "all", "error": f"out of memory: {error}"[:200]})
+                finally:
+                    del cache
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                if on_point_done is not None:
+                    on_point_done(rows)
     return rows
 
 
@@ -122,18 +185,21 @@ def decode_markdown(summary: dict) -> str:
              f"{summary['device']})", "",
              f"Median of {summary['steps']} steps after {summary['warmup']} warm-up, each step one token per "
              "sequence after a random prompt of `context` tokens. Speed-up: against the unpatched model "
-             "at the same batch and context. Density: share of KV blocks read.", ""]
-    base = {(r["batch"], r["context"]): r for r in summary["results"] if r.get("selector") == "unpatched"}
+             "(its own SDPA attention) at the same batch, context and mode. Eager: DynamicCache; compiled: "
+             "StaticCache and torch.compile(mode=\"reduce-overhead\"). Density: share of KV blocks read.", ""]
+    base = {(r["batch"], r["context"], r.get("mode", "eager")): r for r in summary["results"]
+            if r.get("selector") == "unpatched" and "error" not in r}
     table = []
     for r in summary["results"]:
+        mode = r.get("mode", "eager")
         if "error" in r:
-            table.append([r["batch"], r["context"], r["label"], None, None, None, None, r["error"][:60]])
+            table.append([r["batch"], r["context"], mode, r["label"], None, None, None, None, r["error"][:80]])
             continue
-        reference = base.get((r["batch"], r["context"]))
-        table.append([r["batch"], r["context"], r["label"], 1000 * r["step_s"], r["tokens_per_s"],
+        reference = base.get((r["batch"], r["context"], mode))
+        table.append([r["batch"], r["context"], mode, r["label"], 1000 * r["step_s"], r["tokens_per_s"],
                       reference["step_s"] / r["step_s"] if reference else None, r["decode_density"], None])
-    lines.append(markdown_table(["batch", "context", "setting", "ms / step", "tokens/s", "speed-up", "density",
-                                 "error"], table))
+    lines.append(markdown_table(["batch", "context", "mode", "setting", "ms / step", "tokens/s", "speed-up",
+                                 "density", "error"], table))
     return "\n".join(lines)
 
 
@@ -145,16 +211,16 @@ def plot_decode(results: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    points = sorted({(r["batch"], r["context"]) for r in results if "error" not in r})
+    points = sorted({(r["batch"], r["context"], r.get("mode", "eager")) for r in results if "error" not in r})
     labels = list(dict.fromkeys(r["label"] for r in results if "error" not in r))
     figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(points)), 4))
     width = 0.8 / max(len(labels), 1)
     for i, label in enumerate(labels):
         values = [next((1000 * r["step_s"] for r in results if "error" not in r and r["label"] == label
-                        and (r["batch"], r["context"]) == point), 0.0) for point in points]
+                        and (r["batch"], r["context"], r.get("mode", "eager")) == point), 0.0) for point in points]
         axis.bar([p + i * width for p in range(len(points))], values, width, label=label)
     axis.set_xticks([p + 0.4 - width / 2 for p in range(len(points))])
-    axis.set_xticklabels([f"B{b} x {c // 1024}k" for b, c in points])
+    axis.set_xticklabels([f"B{b} x {c // 1024}k {mode}" for b, c, mode in points], fontsize=7)
     axis.set_ylabel("ms per decoding step")
     axis.legend(fontsize=7)
     figure.tight_layout()
@@ -186,6 +252,8 @@ def decode_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--prefill_chunk", type=int, default=8192, help="prompt tokens per prefill forward")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=list(MODES),
+                        help="compiled: StaticCache + torch.compile(mode='reduce-overhead'), CUDA only")
     return parser
 
 
@@ -217,8 +285,10 @@ def decode_main(argv: list[str] | None = None) -> dict:
         return summary
 
     settings = build_decode_settings(args.selectors, args.budgets)
+    if "compiled" in args.modes and device.type != "cuda":
+        raise ValueError(f"--modes compiled needs a CUDA device (CUDA graphs); found {device}: use --modes eager")
     rows = benchmark_decoding(model, args.batch_sizes, args.contexts, settings, args.warmup, args.steps, patch,
-                              on_point_done=save, prefill_chunk=args.prefill_chunk)
+                              on_point_done=save, prefill_chunk=args.prefill_chunk, modes=tuple(args.modes))
     summary = save(rows)
     plot_decode(rows, output / "decode.png")
     print(decode_markdown(summary))

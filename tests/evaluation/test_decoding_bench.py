@@ -8,7 +8,8 @@ from seerattn_hf.evaluation.decoding import decode_main
 def test_decode_benchmark_writes_its_table_for_every_setting(tmp_path):
     summary = decode_main(["--config_preset", "tiny-llama", "--device", "cpu", "--dtype", "fp32", "--batch_sizes", "2",
                            "--contexts", "200", "--steps", "2", "--warmup", "1", "--block_size", "16",
-                           "--budgets", "48", "--prefill_chunk", "64", "--selectors", "gate", "quest", "streaming", "--output", str(tmp_path)])
+                           "--budgets", "48", "--prefill_chunk", "64", "--selectors", "gate", "quest", "streaming", "--modes", "eager",
+                           "--output", str(tmp_path)])
     rows = {r["label"]: r for r in summary["results"]}
     assert list(rows) == ["unpatched", "dense", "gate budget=48", "quest budget=48", "streaming budget=48"]
     assert rows["unpatched"]["decode_density"] is None and rows["dense"]["decode_density"] is None
@@ -16,7 +17,31 @@ def test_decode_benchmark_writes_its_table_for_every_setting(tmp_path):
     for label in ("gate budget=48", "quest budget=48", "streaming budget=48"):
         assert rows[label]["decode_density"] == pytest.approx(3 / 13, rel=0.05)
     assert json.loads((tmp_path / "results.json").read_text())["task"] == "decode"
-    assert "| 2 | 200 | quest budget=48 |" in (tmp_path / "results.md").read_text()
+    assert "| 2 | 200 | eager | quest budget=48 |" in (tmp_path / "results.md").read_text()
+
+
+def test_compiled_decoding_is_timed_over_a_static_cache_and_refused_without_cuda(tmp_path):
+    import seerattn_hf as sa
+    from seerattn_hf.decode_gate import DecodeGateConfig
+    from seerattn_hf.evaluation.decoding import benchmark_decoding, build_decode_settings
+    from seerattn_hf.models import build_random_model
+
+    model = build_random_model("tiny-llama", "cpu", "fp32")
+
+    def patch(target):
+        sa.apply_seer_attention(target, sa.SeerAttentionConfig(
+            block_size=16, gate_hidden_size=16, decode_gate=DecodeGateConfig(block_size=16, gate_hidden_size=16)))
+
+    settings = build_decode_settings(["gate"], [48])
+    rows = benchmark_decoding(model, [2], [100], settings, warmup=1, steps=2, patch=patch, prefill_chunk=64,
+                              modes=("compiled",), compile_backend="aot_eager")
+    assert [(r["mode"], r["label"]) for r in rows] == [("compiled", s.label) for s in settings]
+    assert all("error" not in r for r in rows), rows
+    # 100 prompt tokens + 3 steps: 7 blocks, of which 48 tokens are 3.
+    assert rows[-1]["decode_density"] == pytest.approx(3 / 7, rel=0.05)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        decode_main(["--config_preset", "tiny-llama", "--device", "cpu", "--modes", "compiled",
+                     "--output", str(tmp_path)])
 
 
 @pytest.mark.slow
