@@ -36,6 +36,13 @@ class DecodeLayerState:
     kept_blocks: torch.Tensor | None = None
     total_blocks: torch.Tensor | None = None
 
+    def rope_on(self, device) -> tuple[torch.Tensor, float]:
+        """`key_rope` on `device`, moved once (a copy from the host at every use would synchronise)."""
+        inv_freq, scaling = self.key_rope
+        if inv_freq.device != device:
+            self.key_rope = (inv_freq.to(device), scaling)
+        return self.key_rope
+
     def cache_layer(self):
         layers = getattr(self.cache, "layers", None)
         return layers[self.layer_idx] if layers is not None and self.layer_idx < len(layers) else None
@@ -114,7 +121,7 @@ def sparse_decode_step(module, policy, sparse: bool, query: torch.Tensor, key: t
                               lambda: int((offsets + lens)[0]) - new_tokens)
     state.keeps_summaries = True
     summaries.refresh(key, offsets, lens, new_tokens, decode_gate if selector == "gate" else None,
-                      state.key_rope, quest=selector == "quest")
+                      state.rope_on(key.device), quest=selector == "quest")
     state.prepare_counts(key.shape[1], key.device)
     if new_tokens != 1:
         return None

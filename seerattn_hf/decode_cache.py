@@ -49,7 +49,7 @@ class KeyBlockCache:
     `cache_tokens` None (unknown), which the next eager call reads back from the device once.
     """
 
-    def __init__(self, block_size: int, cache_tokens: int = 0):
+    def __init__(self, block_size: int, cache_tokens: int | None = 0):
         self.block_size = block_size
         self.gate_keys: torch.Tensor | None = None  # [B, HKV, NB + 1, h] float32
         self.key_max: torch.Tensor | None = None  # [B, HKV, NB + 1, D] the cache's dtype
@@ -81,10 +81,11 @@ class KeyBlockCache:
             setattr(self, name, static_address(getattr(self, name).repeat_interleave(repeats, dim=0)))
 
     def cropped(self, cache_tokens: int) -> None:
-        """The cache now holds `cache_tokens` positions; summaries of blocks past them are stale (and
-        a partial block is recomputed whole when it completes, as always)."""
-        summarized = self.summarized_tokens if self.summarized_tokens is not None else cache_tokens
-        self.summarized_tokens = min(summarized, cache_tokens)
+        """The cache now holds `cache_tokens` positions; summaries of blocks past them are stale. A
+        cache that was summarized throughout still is: a block the crop left partial is recomputed
+        whole when it completes, as always."""
+        if self.summarized_tokens is not None:
+            self.summarized_tokens = min(self.summarized_tokens, cache_tokens)
         self.cache_tokens = cache_tokens
 
     def reset(self) -> None:
@@ -223,12 +224,14 @@ def key_blocks_of(cache_layer, block_size: int, cache_tokens) -> KeyBlockCache:
     """The `KeyBlockCache` beside a transformers cache layer, attached on first use.
 
     cache_tokens: positions the cache held before this call (an int, or a callable giving it, called
-    only when the summaries are new).
+    only when the summaries are new and not while compiling, which leaves the count unknown).
     """
     summaries = getattr(cache_layer, CACHE_ATTRIBUTE, None)
     if summaries is None or summaries.block_size != block_size:
         if summaries is None:  # the layer's methods are wrapped once, with the first summaries
             _follow(cache_layer)
-        summaries = KeyBlockCache(block_size, cache_tokens() if callable(cache_tokens) else cache_tokens)
+        if callable(cache_tokens):
+            cache_tokens = None if torch.compiler.is_compiling() else cache_tokens()
+        summaries = KeyBlockCache(block_size, cache_tokens)
         setattr(cache_layer, CACHE_ATTRIBUTE, summaries)
     return summaries

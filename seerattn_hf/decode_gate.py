@@ -131,9 +131,10 @@ class SeerDecodeGate(nn.Module):
             nn.init.ones_(self.q_norm_weight)
             nn.init.ones_(self.k_norm_weight)
 
+    # The gate computes in float32 whatever dtype its parameters were cast to (`model.to(bf16)`).
     def _finish(self, x: torch.Tensor, positions: torch.Tensor, norm_weight_name: str) -> torch.Tensor:
         if self.config.qk_norm:
-            x = F.rms_norm(x, (x.shape[-1],), getattr(self, norm_weight_name), eps=NORM_EPS)
+            x = F.rms_norm(x, (x.shape[-1],), getattr(self, norm_weight_name).float(), eps=NORM_EPS)
         if self.config.rope:
             x = apply_rope(x, positions, self.rope_inv_freq, self.rope_scaling)
         return x
@@ -143,15 +144,15 @@ class SeerDecodeGate(nn.Module):
         batch, length = query.shape[:2]
         grouped = query.float().view(batch, length, self.num_kv_heads, -1, self.head_dim)
         if self.config.q_head_map == "linear":
-            projected = torch.einsum("btkgd,kgdo->bkto", grouped, self.q_weight)
+            projected = torch.einsum("btkgd,kgdo->bkto", grouped, self.q_weight.float())
         else:
-            projected = torch.einsum("btkd,kdo->bkto", grouped.mean(dim=3), self.q_weight)
+            projected = torch.einsum("btkd,kdo->bkto", grouped.mean(dim=3), self.q_weight.float())
         return self._finish(projected, positions[:, None, :], "q_norm_weight")
 
     def keys(self, pooled: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """pooled: `[B, HKV, NB, D * len(k_pooling)]` (`pool_key_blocks` of pre-RoPE keys);
         positions: `[B, NB]` (each block's first token) -> gate keys `[B, HKV, NB, h]`."""
-        projected = torch.einsum("bkni,kio->bkno", pooled.float(), self.k_weight)
+        projected = torch.einsum("bkni,kio->bkno", pooled.float(), self.k_weight.float())
         return self._finish(projected, positions[:, None, :], "k_norm_weight")
 
     def scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

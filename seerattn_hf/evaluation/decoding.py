@@ -43,20 +43,9 @@ def build_decode_settings(selectors: list[str], budgets: list[int]) -> list[Deco
     return settings + [DecodeSetting(selector, budget) for selector in selectors for budget in budgets]
 
 
-def _step(model: nn.Module, token: torch.Tensor, cache) -> None:
-    model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-
-
-MODES = ("eager", "compiled")
-
-
-@torch.inference_mode()
-def time_decoding(model: nn.Module, cache, token: torch.Tensor, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of `steps` decoding steps after `warmup` untimed ones; the cache is cropped
-    back to where it started."""
-    times = time_runs(lambda: _step(model, token, cache), token.device, warmup, steps)
-    cache.crop(-(warmup + steps))
-    return times
+# eager: a DynamicCache (what generate() uses by default); static: a StaticCache, eager; compiled: a
+# StaticCache under torch.compile(mode="reduce-overhead"), i.e. CUDA graphs.
+MODES = ("eager", "static", "compiled")
 
 
 def _takes_cache_position(model: nn.Module) -> bool:
@@ -66,31 +55,53 @@ def _takes_cache_position(model: nn.Module) -> bool:
 
 
 @torch.inference_mode()
-def time_compiled_decoding(model: nn.Module, cache, token: torch.Tensor, context: int, warmup: int,
-                           steps: int, backend: str = "inductor") -> list[float]:
-    """As `time_decoding`, through `torch.compile(mode="reduce-overhead", fullgraph=True)` over a
-    StaticCache holding `context` prompt positions (compiled afresh: the warm-up compiles and records
-    the CUDA graph). Positions are passed as tensors, as generate() does. backend: another
-    torch.compile backend (no CUDA graphs), for tests."""
+def time_decoding(model: nn.Module, cache, token: torch.Tensor, context: int, warmup: int, steps: int,
+                  compile_backend: str | None = None) -> list[float]:
+    """Seconds of each of `steps` decoding steps after `warmup` untimed ones, over a cache holding
+    `context` prompt positions; positions are passed as tensors, as generate() does, and the cache
+    is rewound to the prompt afterwards.
+
+    compile_backend: decode through `torch.compile(fullgraph=True)` with this backend ("inductor":
+    mode "reduce-overhead", CUDA graphs), compiled afresh; the first warm-up step stays eager, as
+    generate()'s prefill does, so that anything decoding allocates is allocated outside the graph.
+    """
     import torch._dynamo
 
-    torch._dynamo.reset()
-    forward = torch.compile(model.forward, backend=backend, fullgraph=True,
-                            mode="reduce-overhead" if backend == "inductor" else None)
+    forward = model.forward
+    if compile_backend is not None:
+        torch._dynamo.reset()
+        forward = torch.compile(model.forward, backend=compile_backend, fullgraph=True,
+                                mode="reduce-overhead" if compile_backend == "inductor" else None)
     batch, device = token.shape[0], token.device
     positions = iter(range(context, context + warmup + steps))
     with_cache_position = _takes_cache_position(model)
+    calls = iter([model.forward] + [forward] * (warmup + steps))
 
     def step():
         position = torch.full((1,), next(positions), dtype=torch.long, device=device)
         extra = {"cache_position": position} if with_cache_position else {}
-        forward(input_ids=token, past_key_values=cache, position_ids=position.expand(batch, 1), use_cache=True,
-                logits_to_keep=1, **extra)
+        next(calls)(input_ids=token, past_key_values=cache, position_ids=position.expand(batch, 1), use_cache=True,
+                    logits_to_keep=1, **extra)
 
     times = time_runs(step, device, warmup, steps)
-    if all(hasattr(layer, "crop") for layer in cache.layers):
-        cache.crop(-(warmup + steps))
+    _rewind(cache, warmup + steps)
     return times
+
+
+def _rewind(cache, tokens: int) -> None:
+    """Take the last `tokens` positions off every layer of the cache. A StaticLayer of transformers
+    5.17 cannot crop: its write position (`cumulative_length`) is moved back instead, and the key
+    summaries beside it are told, as a crop would tell them."""
+    from ..decode_cache import CACHE_ATTRIBUTE
+
+    for layer in cache.layers:
+        if hasattr(layer, "crop"):
+            layer.crop(-tokens)
+            continue
+        layer.cumulative_length.sub_(tokens)
+        summaries = getattr(layer, CACHE_ATTRIBUTE, None)
+        if summaries is not None:
+            summaries.cropped(int(layer.cumulative_length))
 
 
 def _prefill(model: nn.Module, ids: torch.Tensor, cache, chunk: int) -> None:
@@ -145,19 +156,17 @@ def benchmark_decoding(model: nn.Module, batch_sizes: list[int], contexts: list[
                         sa.set_attention_mode(model, "dense")
                     if mode == "eager":
                         cache = DynamicCache(config=model.config)
-                        _prefill(model, ids, cache, prefill_chunk)
-                        # An untimed pass first: the cache's first growth past the prompt allocates
-                        # device memory that every later pass reuses, and would be charged to the first setting.
-                        time_decoding(model, cache, token, warmup, steps)
                     else:
                         cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps)
-                        _prefill(model, ids, cache, prefill_chunk)
+                    _prefill(model, ids, cache, prefill_chunk)
+                    # An untimed pass first: a DynamicCache's first growth past the prompt allocates
+                    # device memory that every later pass reuses, and would be charged to the first setting.
+                    time_decoding(model, cache, token, context, warmup, steps)
                     for setting in settings:
                         _apply(model, setting, patch)
                         try:
-                            times = (time_decoding(model, cache, token, warmup, steps) if mode == "eager"
-                                     else time_compiled_decoding(model, cache, token, context, warmup, steps,
-                                                                compile_backend))
+                            times = time_decoding(model, cache, token, context, warmup, steps,
+                                                  compile_backend if mode == "compiled" else None)
                         except torch.OutOfMemoryError:
                             raise
                         except Exception as error:  # a setting that fails to compile is reported, not fatal
@@ -185,8 +194,9 @@ def decode_markdown(summary: dict) -> str:
              f"{summary['device']})", "",
              f"Median of {summary['steps']} steps after {summary['warmup']} warm-up, each step one token per "
              "sequence after a random prompt of `context` tokens. Speed-up: against the unpatched model "
-             "(its own SDPA attention) at the same batch, context and mode. Eager: DynamicCache; compiled: "
-             "StaticCache and torch.compile(mode=\"reduce-overhead\"). Density: share of KV blocks read.", ""]
+             "(its own SDPA attention) at the same batch, context and mode. Modes: eager (DynamicCache), "
+             "static (StaticCache), compiled (StaticCache, torch.compile(mode=\"reduce-overhead\")). "
+             "Density: share of KV blocks read.", ""]
     base = {(r["batch"], r["context"], r.get("mode", "eager")): r for r in summary["results"]
             if r.get("selector") == "unpatched" and "error" not in r}
     table = []
@@ -253,7 +263,8 @@ def decode_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--prefill_chunk", type=int, default=8192, help="prompt tokens per prefill forward")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=list(MODES),
-                        help="compiled: StaticCache + torch.compile(mode='reduce-overhead'), CUDA only")
+                        help="eager: DynamicCache; static: StaticCache; compiled: StaticCache + "
+                        "torch.compile(mode='reduce-overhead'), CUDA only")
     return parser
 
 

@@ -34,11 +34,12 @@ def test_compiled_decoding_is_timed_over_a_static_cache_and_refused_without_cuda
 
     settings = build_decode_settings(["gate"], [48])
     rows = benchmark_decoding(model, [2], [100], settings, warmup=1, steps=2, patch=patch, prefill_chunk=64,
-                              modes=("compiled",), compile_backend="aot_eager")
-    assert [(r["mode"], r["label"]) for r in rows] == [("compiled", s.label) for s in settings]
+                              modes=("compiled", "static"), compile_backend="aot_eager")
+    assert [(r["mode"], r["label"]) for r in rows] == [(m, s.label) for m in ("compiled", "static") for s in settings]
     assert all("error" not in r for r in rows), rows
     # 100 prompt tokens + 3 steps: 7 blocks, of which 48 tokens are 3.
-    assert rows[-1]["decode_density"] == pytest.approx(3 / 7, rel=0.05)
+    for mode in ("compiled", "static"):
+        assert rows[[r["mode"] for r in rows].index(mode) + 2]["decode_density"] == pytest.approx(3 / 7, rel=0.05)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         decode_main(["--config_preset", "tiny-llama", "--device", "cpu", "--modes", "compiled",
                      "--output", str(tmp_path)])
