@@ -109,6 +109,34 @@ def test_forced_fa4_fails_once_clearly_and_auto_reports_its_choice():
             model(ids)
 
 
+def test_prefill_bench_adds_fa4_baselines_and_compares_with_the_fastest_dense(monkeypatch):
+    from seerattn_hf.evaluation.cli import with_fa4_baselines
+    from seerattn_hf.evaluation.reports import prefill_markdown
+    from seerattn_hf.evaluation.settings import build_settings
+
+    config = SimpleNamespace(head_dim=128, hidden_size=4096, num_attention_heads=32)
+    model = SimpleNamespace(config=config, device=torch.device("cuda", 0), dtype=torch.bfloat16,
+                            seer_config=SimpleNamespace(gate=SimpleNamespace(block_size=64)))
+    settings = build_settings(["dense", "gate"], [0.1])
+    monkeypatch.setattr(fa4_module, "compute_capability", lambda device: (9, 0))
+    monkeypatch.setattr(fa4_module, "_import_error", lambda: "ImportError: no flash_attn")
+    assert with_fa4_baselines(settings, "auto", model) == settings
+    monkeypatch.setattr(fa4_module, "_import_error", lambda: None)
+    expanded = with_fa4_baselines(settings, "auto", model)
+    assert [s.label for s in expanded] == ["dense [model]", "dense [fa4]", "gate d=0.1 [auto]", "gate d=0.1 [fa4]"]
+    assert [s.policy_changes()["backend"] for s in expanded] == ["triton", "fa4", "auto", "fa4"]
+
+    def row(label, method, ttft):
+        return {"length": 8192, "label": label, "method": method, "density": 1.0, "ttft_s": ttft,
+                "ttft_no_attention_s": 0.1, "breakdown": {"gate_s": 0.0, "attention_s": 0.1, "other_s": 0.1}}
+    summary = {"config_preset": "x", "num_layers": 1, "dtype": "bf16", "device": "cuda", "repeats": 1, "warmup": 1,
+               "results": [row("dense [model]", "dense", 0.4), row("dense [fa4]", "dense", 0.2),
+                           row("gate d=0.1 [auto]", "gate", 0.1)]}
+    markdown = prefill_markdown(summary)
+    assert "fastest dense setting at each length: 8192: dense [fa4]" in markdown
+    assert "| 8192 | gate d=0.1 [auto] | 1 | 0.1 | 2 |" in markdown, "speed-up 0.2 s / 0.1 s, not 0.4 / 0.1"
+
+
 def fa4_importable() -> bool:
     return torch.cuda.is_available() and fa4_module._import_error() is None
 
@@ -169,7 +197,7 @@ def test_patched_model_takes_fa4_where_the_table_says_gpu():
         with torch.no_grad():
             logits = model(ids).logits.float()
         stats = sa.get_sparsity_stats(model)["backends"]
-        assert stats == {"sparse:triton": 2} if backend == "triton" else {"sparse:fa4": 2}
+        assert stats == ({"sparse:triton": 2} if backend == "triton" else {"sparse:fa4": 2})
         if block_size == 128:
             reference = logits if reference is None else reference
             assert rel_rms(logits, reference) < 2e-2
