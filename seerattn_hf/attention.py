@@ -246,7 +246,8 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     prefill = query_length == key_length
     if state is None or state.mode == "dense" or not prefill or query_length < state.policy.min_sparse_length:
         # Layers left without a gate (GateConfig.layers), dense mode, decoding steps and
-        # prompts continued from a cache run the model's own attention.
+        # prompts continued from a cache run dense: the model's own attention, or FA4 where
+        # `dense_backend` picks it.
         if state is None:
             return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)
