@@ -63,12 +63,17 @@ def cudnn_block_sparse():
     return block_sparse_attention_forward
 
 
-def cudnn_bsa(forward, q, k, v, idx, count, block_size, n_heads):
-    """cuDNN's non-causal block-sparse attention on our lists (one per query head; kept diagonal
-    blocks are computed whole, so its output differs from causal attention there). [B, T, HQ, D]."""
+def cudnn_lists(idx, count, n_heads):
+    """Our lists as cuDNN reads them: one per query head, every entry a valid block index."""
     if idx.shape[1] != n_heads:
         idx, count = (x.repeat_interleave(n_heads // idx.shape[1], dim=1) for x in (idx, count))
-    idx = idx.clamp(0, q.shape[2] // block_size - 1 + (q.shape[2] % block_size > 0))
+    return idx.clamp(0, idx.shape[2] - 1).contiguous(), count.contiguous()
+
+
+def cudnn_bsa(forward, q, k, v, lists, block_size):
+    """cuDNN's non-causal block-sparse attention on `cudnn_lists` (kept diagonal blocks are computed
+    whole, so its output differs from causal attention there). [B, T, HQ, D]."""
+    idx, count = lists
     out = forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), idx, q2k_block_nums=count,
                   sparse_block_size=block_size, layout="bshd")
     return out["o_tensor"]
@@ -211,7 +216,7 @@ def main():
             idx, count = random_block_lists(1, H, t, bs, 0.3, dev, seed=3)
             sub = [x[:, :, :t] for x in (q, k, v)]
             try:
-                out = cudnn_bsa(cudnn_forward, *sub, idx, count, bs, H)
+                out = cudnn_bsa(cudnn_forward, *sub, cudnn_lists(idx, count, H), bs)
                 records.append(dict(name="cudnn_bsa_q", check="rel_rms", seqlen=t,
                                     value=rel_rms(out, noncausal_reference(*sub, idx, count, bs))))
                 print(f"check {'cudnn_bsa_q (non-causal)':24s} rel_rms {records[-1]['value']:.2e}", flush=True)
@@ -283,8 +288,10 @@ def main():
                     ms = bench(lambda: fa4_block_lists(idx, count, H), args)
                     record(f"fa4_lists_{heads}", T, density, ms, pairs, kept=round(actual, 4))
                 if cudnn_forward is not None and bs == 64 and T % 64 == 0:
-                    ms = bench(lambda: cudnn_bsa(cudnn_forward, q, k, v, idx, count, bs, H), args)
+                    lists = cudnn_lists(idx, count, H)
+                    ms = bench(lambda: cudnn_bsa(cudnn_forward, q, k, v, lists, bs), args)
                     record(f"cudnn_bsa_{heads}", T, density, ms, pairs, kept=round(actual, 4))
+                    del lists
                 if use_flex and not shared:
                     opts = {"BLOCK_M": bs, "BLOCK_N": bs} if bs < 128 else None
                     try:
