@@ -57,7 +57,7 @@ def _capability(index: int) -> tuple[int, int]:
 def _import_error() -> str | None:
     """Why `flash_attn.cute` cannot be imported, or None (checked once: the import is slow)."""
     try:
-        import flash_attn.cute.interface  # noqa: F401
+        from flash_attn.cute import flash_attn_func  # noqa: F401
         from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch  # noqa: F401
     except Exception as error:  # a missing wheel shows up as ImportError, a broken one as anything
         return f"{type(error).__name__}: {error}"
@@ -135,19 +135,19 @@ def fa4_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     """Causal attention through FA4 (bottom-right aligned when q is shorter than k, as in a
     continued prompt). q: [B, HQ, Tq, D]; k, v: [B, HKV, Tk, D]. Returns o: [B, Tq, HQ, D] in q.dtype
     (with return_lse also lse: [B, HQ, Tq] float32)."""
-    from flash_attn.cute.interface import _flash_attn_fwd
+    from flash_attn.cute import flash_attn_func
 
-    o, lse = _flash_attn_fwd(_bthd(q), _bthd(k), _bthd(v), softmax_scale=scale, causal=True,
-                             return_lse=return_lse)[:2]
+    o, lse = flash_attn_func(_bthd(q), _bthd(k), _bthd(v), softmax_scale=scale, causal=True, return_lse=return_lse)
     return (o, lse) if return_lse else o
 
 
 def fa4_block_sparse_attention(q, k, v, block_idx, block_count, block_size, scale=None,
                                seq_offsets=None, return_lse=False):
     """FA4 version of `naive_block_sparse_attention` (same arguments, shapes and results), for
-    unpadded batches: `seq_offsets` must be None (left padding goes through the Triton kernel)."""
+    unpadded batches: `seq_offsets` must be None (left padding goes through the Triton kernel).
+    Forward only (no backward lists are built)."""
+    from flash_attn.cute import flash_attn_func
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-    from flash_attn.cute.interface import _flash_attn_fwd
 
     if seq_offsets is not None:
         raise ValueError("the FA4 block-sparse path takes unpadded batches; found seq_offsets "
@@ -157,6 +157,6 @@ def fa4_block_sparse_attention(q, k, v, block_idx, block_count, block_size, scal
         raise ValueError(f"expected keys as long as queries (a prefill); found {k.shape[2]} and {T}")
     lists = fa4_block_lists(block_idx, block_count, q.shape[1])
     sparse = BlockSparseTensorsTorch(**lists, block_size=(block_size, block_size))
-    o, lse = _flash_attn_fwd(_bthd(q), _bthd(k), _bthd(v), softmax_scale=scale, causal=True,
-                             block_sparse_tensors=sparse, return_lse=return_lse)[:2]
+    o, lse = flash_attn_func(_bthd(q), _bthd(k), _bthd(v), softmax_scale=scale, causal=True,
+                             block_sparse_tensors=sparse, return_lse=return_lse)
     return (o, lse) if return_lse else o
