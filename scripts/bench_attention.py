@@ -201,7 +201,8 @@ def main():
                     print(f"check {name:24s} rel_rms {records[-1]['value']:.2e}", flush=True)
             others = {}
             if not fa4_sparse_missing:
-                others[f"fa4_bsa_{'kv' if shared else 'q'}"] = lambda: fa4_block_sparse_attention(q, k, v, idx, count, bs)
+                others[f"fa4_bsa_{'kv' if shared else 'q'}"] = lambda: fa4_block_sparse_attention(
+                    q, k, v, idx, count, bs)
             for name, run in others.items():
                 try:
                     out = run()

@@ -88,11 +88,12 @@ class SeerLayerState:
             self.causal_blocks = self.causal_blocks + causal
 
 
-# backend="auto" on CUDA, block-sparse prefill: compute-capability major -> the block sizes at which
-# FlashAttention-4's block-sparse kernel beats our Triton kernel (scripts/bench_attention.py on the
-# H200: 12-15% faster at 128-token blocks, 10-23% slower at 64). Every other configuration takes
-# Triton. Dense passes take FA4 wherever it can run (7-16% faster than cuDNN on the H200).
-AUTO_FA4_SPARSE_BLOCK_SIZES = {9: (128,)}
+# backend="auto" on CUDA, block-sparse prefill: the configurations (compute-capability major, block
+# size, mask sharing) where FlashAttention-4's block-sparse kernel beats our Triton kernel
+# (scripts/bench_attention.py on the H200, masks per query head: 12-15% faster at 128-token blocks,
+# 10-23% slower at 64). Every other configuration takes Triton. Dense passes take FA4 wherever it can
+# run (7-16% faster than cuDNN on the H200).
+AUTO_FA4_SPARSE = {(9, 128, "head"), (9, 128, "kv_group")}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -105,14 +106,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton" if backend == "fa4" else backend
 
 
-def sparse_backend(backend: str, query: torch.Tensor, block_size: int, seq_offsets) -> str:
-    """The block-sparse prefill kernel that runs this call: "torch", "triton", "flex" or "fa4".
-    FA4 takes unpadded batches; left-padded ones run Triton, also under backend="fa4"."""
+def sparse_backend(backend: str, query: torch.Tensor, key: torch.Tensor, block_idx: torch.Tensor,
+                   block_size: int, seq_offsets) -> str:
+    """The block-sparse kernel that runs a call under `backend` (a policy value, or a name this
+    returned: it maps to itself): "torch", "triton", "flex" or "fa4". FA4 takes unpadded one-shot
+    prefills; left-padded batches and prompts continued from a cache run Triton, also under "fa4"."""
+    fa4_takes = seq_offsets is None and key.shape[2] == query.shape[2]
     if backend == "fa4":
         require_fa4(query.device, query.dtype, query.shape[-1], block_size)
-        return "fa4" if seq_offsets is None else "triton"
-    if (backend == "auto" and query.is_cuda and seq_offsets is None
-            and block_size in AUTO_FA4_SPARSE_BLOCK_SIZES.get(compute_capability(query.device)[0], ())
+        return "fa4" if fa4_takes else "triton"
+    sharing = "head" if block_idx.shape[1] == query.shape[1] else "kv_group"
+    if (backend == "auto" and query.is_cuda and fa4_takes
+            and (compute_capability(query.device)[0], block_size, sharing) in AUTO_FA4_SPARSE
             and fa4_unsupported_reason(query.device, query.dtype, query.shape[-1], block_size) is None):
         return "fa4"
     return resolve_backend(backend, query.device)
@@ -120,14 +125,14 @@ def sparse_backend(backend: str, query: torch.Tensor, block_size: int, seq_offse
 
 def block_sparse_attention(query, key, value, block_idx, block_count, block_size, scale,
                            seq_offsets, backend: str) -> torch.Tensor:
-    """Dispatch to the block-sparse attention of `backend` (a `sparse_backend` result); returns
+    """Dispatch to the block-sparse attention `sparse_backend` picks under `backend`; returns
     `[B, T, HQ, D]`."""
     implementation = {
         "torch": naive_block_sparse_attention,
         "triton": triton_block_sparse_attention,
         "flex": flex_block_sparse_attention,
         "fa4": fa4_block_sparse_attention,
-    }[backend]
+    }[sparse_backend(backend, query, key, block_idx, block_size, seq_offsets)]
     return implementation(query, key, value, block_idx, block_count, block_size, scale=scale,
                           seq_offsets=seq_offsets)
 
@@ -285,8 +290,8 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     # Counted per query head whatever the mask sharing, so the statistics outlive a policy change.
     groups = query.shape[1] // kept.shape[0]
     state.add_counts(kept.repeat_interleave(groups), causal.repeat_interleave(groups))
-    backend = sparse_backend(policy.backend, query, block_size, seq_offsets)
-    state.backend_calls[f"sparse:{backend}"] += 1
+    chosen = sparse_backend(policy.backend, query, key, block_idx, block_size, seq_offsets)
+    state.backend_calls[f"sparse:{chosen}"] += 1
     output = block_sparse_attention(query, key, value, block_idx, block_count, block_size, scale,
-                                    seq_offsets, backend)
+                                    seq_offsets, policy.backend)
     return output, None

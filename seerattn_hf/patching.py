@@ -331,7 +331,8 @@ def get_sparsity_stats(model: nn.Module) -> dict:
             decode_total += int(decode.total_blocks.sum())
     return {"density": density, "per_layer": per_layer, "kept_blocks": kept_total, "causal_blocks": causal_total,
             "decode_density": decode_kept / decode_total if decode_total else None,
-            "decode_kept_blocks": decode_kept, "decode_blocks": decode_total, "backends": dict(sorted(backends.items()))}
+            "decode_kept_blocks": decode_kept, "decode_blocks": decode_total,
+            "backends": dict(sorted(backends.items()))}
 
 
 def reset_sparsity_stats(model: nn.Module) -> None:

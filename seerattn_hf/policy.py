@@ -45,7 +45,7 @@ class SparsityPolicy:
     mask_sharing: "head" (one mask per query head) or "kv_group" (one mask per KV head, shared by its
         query heads: the kernel then packs a group's heads into one tile).
     backend: "auto" (chosen per configuration: on CUDA FlashAttention-4 where installed and measured
-        faster, else Triton; torch elsewhere; the table is `attention.AUTO_FA4_SPARSE_BLOCK_SIZES`
+        faster, else Triton; torch elsewhere; the table is `attention.AUTO_FA4_SPARSE`
         and docs/kernels.md), "triton", "torch", "flex" or "fa4" (FlashAttention-4 for the
         block-sparse prefill and the unmasked dense passes; an error where it cannot run). The
         backends that ran are counted in `get_sparsity_stats(model)["backends"]`.

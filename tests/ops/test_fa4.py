@@ -68,23 +68,30 @@ def test_fa4_errors_name_what_is_missing(monkeypatch):
     assert "multiple of 256" in fa4_unsupported_reason(cuda, torch.bfloat16, 128, block_size=128)
 
 
-@pytest.mark.parametrize("major, block_size, padded, installed, backend, expected", [
-    (9, 128, False, True, "auto", "fa4"),
-    (9, 64, False, True, "auto", "triton"),  # measured: our kernel is faster at 64-token blocks
-    (9, 128, True, True, "auto", "triton"),  # FA4 takes unpadded batches only
-    (9, 128, False, False, "auto", "triton"),
-    (10, 256, False, True, "auto", "triton"),  # unmeasured: the portable default
-    (9, 64, False, True, "fa4", "fa4"),
-    (9, 64, True, True, "fa4", "triton"),
-    (9, 128, False, True, "triton", "triton"),
+@pytest.mark.parametrize("major, block_size, padded, continued, installed, backend, expected", [
+    (9, 128, False, False, True, "auto", "fa4"),
+    (9, 64, False, False, True, "auto", "triton"),  # measured: our kernel is faster at 64-token blocks
+    (9, 128, True, False, True, "auto", "triton"),  # FA4 takes unpadded batches only
+    (9, 128, False, True, True, "auto", "triton"),  # and one-shot prefills
+    (9, 128, False, False, False, "auto", "triton"),
+    (10, 256, False, False, True, "auto", "triton"),  # unmeasured: the portable default
+    (9, 64, False, False, True, "fa4", "fa4"),
+    (9, 64, True, False, True, "fa4", "triton"),
+    (9, 128, False, False, True, "triton", "triton"),
 ])
-def test_sparse_backend_table(monkeypatch, major, block_size, padded, installed, backend, expected):
+def test_sparse_backend_table(monkeypatch, major, block_size, padded, continued, installed, backend, expected):
     monkeypatch.setattr(fa4_module, "compute_capability", lambda device: (major, 0))
     monkeypatch.setattr(attention, "compute_capability", lambda device: (major, 0))
     monkeypatch.setattr(fa4_module, "_import_error", lambda: None if installed else "ImportError: no flash_attn")
-    query = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(1, 32, 4096, 128))
+    query = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.bfloat16,
+                            shape=(1, 32, 4096, 128))
+    key = SimpleNamespace(shape=(1, 8, 8192 if continued else 4096, 128))
     offsets = torch.tensor([3]) if padded else None
-    assert attention.sparse_backend(backend, query, block_size, offsets) == expected
+    for list_heads in (32, 8):  # a mask per query head, one per KV group
+        block_idx = torch.zeros(1, list_heads, 1, 1)
+        chosen = attention.sparse_backend(backend, query, key, block_idx, block_size, offsets)
+        assert chosen == expected
+        assert attention.sparse_backend(chosen, query, key, block_idx, block_size, offsets) == chosen
 
 
 def test_forced_fa4_fails_once_clearly_and_auto_reports_its_choice():
@@ -176,8 +183,8 @@ def test_fa4_dense_bf16_gpu(T, Tq):
     q, k, v = make_qkv(1, 32, 8, T, 128, torch.bfloat16, "cuda")
     NB = (T + 63) // 64
     every_block = torch.arange(NB, device="cuda", dtype=torch.int32).expand(1, 1, NB, NB)
-    ref_o, ref_lse = naive_block_sparse_attention(q, k, v, every_block, torch.arange(1, NB + 1, device="cuda").view(1, 1, NB),
-                                                  64, return_lse=True)
+    counts = torch.arange(1, NB + 1, device="cuda").view(1, 1, NB)
+    ref_o, ref_lse = naive_block_sparse_attention(q, k, v, every_block, counts, 64, return_lse=True)
     # a continued prompt: the last Tq queries over all T keys (causal, bottom-right aligned)
     o, lse = fa4_dense_attention(q[:, :, T - Tq:], k, v, return_lse=True)
     assert rel_rms(o, ref_o[:, T - Tq:]) < 1e-2 and rel_rms(lse, ref_lse[:, :, T - Tq:]) < 1e-3
