@@ -1,4 +1,6 @@
-"""Time block-sparse and pooled attention against SDPA (cuDNN, flash) and FlexAttention on one GPU.
+"""Time block-sparse and pooled attention against SDPA (cuDNN, flash), FlexAttention and, where
+installed, FlashAttention-4 (dense and block-sparse) and the cuDNN frontend's block-sparse attention
+on one GPU. Speed-ups are stated against the fastest dense kernel of the run, named in the table.
 
 Llama-3.1-8B attention shape by default (B1, 32 query heads, 8 KV heads, D 128, bf16, causal).
 Random masks keep the diagonal block plus each earlier block with probability `density`, so density
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from seerattn_hf.ops.block_sparse_attn import naive_block_sparse_attention
+from seerattn_hf.ops.block_sparse_attn import fa4_block_sparse_attention, naive_block_sparse_attention
+from seerattn_hf.ops.block_sparse_attn.fa4 import fa4_block_lists, fa4_dense_attention, fa4_unsupported_reason
 from seerattn_hf.ops.block_sparse_attn.triton import block_sparse_attn_fwd
 from seerattn_hf.ops.pooled_attn import naive_pooled_attention
 from seerattn_hf.ops.pooled_attn.triton import pooled_attn_fwd
@@ -42,6 +45,50 @@ def random_block_lists(B, HM, T, block_size, density, device, seed=0):
     idx = torch.where(keep, rows, NB + rows).sort(-1).values.to(torch.int32)
     del keep
     return idx, count
+
+
+def trimmed(idx, count):
+    """The lists cut to their longest row (every kernel reads only the first `count` entries), as
+    the gate's top-k selection makes them."""
+    return idx[..., : int(count.max())].contiguous(), count
+
+
+def cudnn_block_sparse():
+    """The cuDNN frontend's block-sparse forward, or None with the reason printed."""
+    try:
+        from cudnn.block_sparse_attention import block_sparse_attention_forward
+    except Exception as error:
+        print(f"# cuDNN frontend block-sparse attention not importable: {type(error).__name__}: {error}")
+        return None
+    return block_sparse_attention_forward
+
+
+def cudnn_lists(idx, count, n_heads):
+    """Our lists as cuDNN reads them: one per query head, every entry a valid block index."""
+    if idx.shape[1] != n_heads:
+        idx, count = (x.repeat_interleave(n_heads // idx.shape[1], dim=1) for x in (idx, count))
+    return idx.clamp(0, idx.shape[2] - 1).contiguous(), count.contiguous()
+
+
+def cudnn_bsa(forward, q, k, v, lists, block_size):
+    """cuDNN's non-causal block-sparse attention on `cudnn_lists` (kept diagonal blocks are computed
+    whole, so its output differs from causal attention there). [B, T, HQ, D]."""
+    idx, count = lists
+    out = forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), idx, q2k_block_nums=count,
+                  sparse_block_size=block_size, layout="bshd")
+    return out["o_tensor"]
+
+
+def noncausal_reference(q, k, v, idx, count, block_size):
+    """float32 attention over the kept blocks, diagonal blocks whole (cuDNN's semantics). Short
+    sequences only: builds the [B, HQ, T, T] mask. Returns [B, T, HQ, D]."""
+    T, NB = q.shape[2], idx.shape[2]
+    kept = torch.arange(idx.shape[-1], device=q.device) < count[..., None]
+    blocks = torch.zeros(*idx.shape[:3], NB + 1, dtype=torch.bool, device=q.device)
+    blocks.scatter_(-1, torch.where(kept, idx.long().clamp(0, NB), NB), True)
+    mask = blocks[..., :NB].repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)[..., :T, :T]
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 def causal_pairs(count, block_size, T):
@@ -118,6 +165,11 @@ def main():
 
     dev = "cuda"
     H, HKV, D, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
+    fa4_missing = fa4_unsupported_reason(torch.device(dev), torch.bfloat16, D)
+    fa4_sparse_missing = fa4_unsupported_reason(torch.device(dev), torch.bfloat16, D, bs)
+    for reason in dict.fromkeys(r for r in (fa4_missing, fa4_sparse_missing) if r):
+        print(f"# FA4 baseline skipped: {reason}")
+    cudnn_forward = cudnn_block_sparse()
     variants = dict(VARIANTS, **(SWEEP if args.sweep else {}))
     targets = dict(TARGETS, **(TARGET_SWEEP if args.sweep else {}))
     dense_passes = dict(DENSE, **(DENSE_SWEEP if args.sweep else {}))
@@ -147,6 +199,37 @@ def main():
                         continue
                     records.append(dict(name=name, check="rel_rms", seqlen=T, value=rel_rms(out, ref)))
                     print(f"check {name:24s} rel_rms {records[-1]['value']:.2e}", flush=True)
+            others = {}
+            if not fa4_sparse_missing:
+                others[f"fa4_bsa_{'kv' if shared else 'q'}"] = lambda: fa4_block_sparse_attention(
+                    q, k, v, idx, count, bs)
+            for name, run in others.items():
+                try:
+                    out = run()
+                except Exception as error:
+                    print(f"# {name} failed: {type(error).__name__}: {str(error)[:300]}")
+                    continue
+                records.append(dict(name=name, check="rel_rms", seqlen=T, value=rel_rms(out, ref)))
+                print(f"check {name:24s} rel_rms {records[-1]['value']:.2e}", flush=True)
+        if cudnn_forward is not None and bs == 64:
+            # cuDNN's attention is non-causal: checked against kept blocks computed whole
+            t = min(T, 2048)
+            idx, count = random_block_lists(1, H, t, bs, 0.3, dev, seed=3)
+            sub = [x[:, :, :t] for x in (q, k, v)]
+            try:
+                out = cudnn_bsa(cudnn_forward, *sub, cudnn_lists(idx, count, H), bs)
+                records.append(dict(name="cudnn_bsa_q", check="rel_rms", seqlen=t,
+                                    value=rel_rms(out, noncausal_reference(*sub, idx, count, bs))))
+                print(f"check {'cudnn_bsa_q (non-causal)':24s} rel_rms {records[-1]['value']:.2e}", flush=True)
+            except Exception as error:
+                print(f"# cudnn_bsa_q failed: {type(error).__name__}: {str(error)[:300]}")
+        if not fa4_missing:
+            nb = triton.cdiv(T, bs)
+            every = torch.arange(nb, device=dev, dtype=torch.int32).expand(1, 1, nb, nb)
+            ref = naive_block_sparse_attention(q, k, v, every, torch.arange(1, nb + 1, device=dev).view(1, 1, nb), bs)
+            records.append(dict(name="fa4_dense", check="rel_rms", seqlen=T,
+                                value=rel_rms(fa4_dense_attention(q, k, v), ref)))
+            print(f"check {'fa4_dense':24s} rel_rms {records[-1]['value']:.2e}", flush=True)
         ref_o, ref_p = naive_pooled_attention(q[:, :, :4096], k[:, :, :4096], v[:, :, :4096], bs)
         for name, kw in targets.items():
             try:
@@ -172,6 +255,8 @@ def main():
             record("sdpa_flash", T, 1.0, bench(lambda: sdpa(qc, kc, vc, SDPBackend.FLASH_ATTENTION), args),
                    dense_pairs)
         del qc, kc, vc
+        if not fa4_missing:
+            record("fa4_dense", T, 1.0, bench(lambda: fa4_dense_attention(q, k, v), args), dense_pairs)
         use_flex = not args.no_flex and T <= args.flex_max_seqlen
         if use_flex:
             from seerattn_hf.ops.block_sparse_attn.flex import _compiled_flex, build_block_mask
@@ -189,13 +274,25 @@ def main():
 
         for density in args.densities:
             for shared in (False, True):
-                idx, count = random_block_lists(1, HKV if shared else H, T, bs, density, dev, seed=2)
+                idx, count = trimmed(*random_block_lists(1, HKV if shared else H, T, bs, density, dev, seed=2))
                 pairs = causal_pairs(count, bs, T) * (H // count.shape[1])
                 actual = pairs / dense_pairs
                 for name, (v_shared, kw) in variants.items():
                     if v_shared == shared:
                         ms = bench(lambda: block_sparse_attn_fwd(q, k, v, idx, count, bs, **kw), args)
                         record(name, T, density, ms, pairs, kept=round(actual, 4))
+                heads = "kv" if shared else "q"
+                if not fa4_sparse_missing:
+                    # the conversion of the lists is part of the call, as in the model; timed alone too
+                    ms = bench(lambda: fa4_block_sparse_attention(q, k, v, idx, count, bs), args)
+                    record(f"fa4_bsa_{heads}", T, density, ms, pairs, kept=round(actual, 4))
+                    ms = bench(lambda: fa4_block_lists(idx, count, H), args)
+                    record(f"fa4_lists_{heads}", T, density, ms, pairs, kept=round(actual, 4))
+                if cudnn_forward is not None and bs == 64 and T % 64 == 0:
+                    lists = cudnn_lists(idx, count, H)
+                    ms = bench(lambda: cudnn_bsa(cudnn_forward, q, k, v, lists, bs), args)
+                    record(f"cudnn_bsa_{heads}", T, density, ms, pairs, kept=round(actual, 4))
+                    del lists
                 if use_flex and not shared:
                     opts = {"BLOCK_M": bs, "BLOCK_N": bs} if bs < 128 else None
                     try:
@@ -237,32 +334,45 @@ def main():
     print_table(records, bs)
 
 
+DENSE_KERNELS = ("sdpa_cudnn", "sdpa_flash", "flex_dense", "fa4_dense")
+SPARSE_PREFIXES = ("bsa", "fa4_bsa", "cudnn_bsa", "flex_mask")
+
+
+def fastest_dense(get, T):
+    """(name, ms) of the fastest dense kernel timed at length T, or (None, None)."""
+    timed = [(get[(n, T, 1.0)], n) for n in DENSE_KERNELS if (n, T, 1.0) in get]
+    return (min(timed)[1], min(timed)[0]) if timed else (None, None)
+
+
 def print_table(records, bs):
     timed = [r for r in records if "ms" in r]
     get = {(r["name"], r["seqlen"], r["density"]): r["ms"] for r in timed if r["ms"] == r["ms"]}
-    names = sorted({r["name"] for r in timed if r["name"].startswith("bsa")})
-    print(f"\n| T | density | {' | '.join(names)} | flex {bs}x{bs} | cuDNN dense | FA2 dense | flex dense | "
-          "best bsa / cuDNN | best bsa / flex mask |")
-    print("|" + "---|" * (len(names) + 8))
+    names = sorted({r["name"] for r in timed if r["name"].startswith(SPARSE_PREFIXES)})
+    ours = [n for n in names if n.startswith("bsa")]
+    print(f"\n{bs}-token blocks, ms. Speed-ups are against the fastest dense kernel of the run at that length "
+          "(named); cudnn_bsa is non-causal (kept diagonal blocks computed whole).")
+    print(f"| T | density | {' | '.join(names)} | fastest dense | speed-up of best ours over it | "
+          "fastest sparse | best ours / fastest other sparse |")
+    print("|" + "---|" * (len(names) + 6))
     for T in sorted({r["seqlen"] for r in timed}):
-        cudnn = get.get(("sdpa_cudnn", T, 1.0))
+        dense_name, dense_ms = fastest_dense(get, T)
         for d in sorted({r["density"] for r in timed if r["name"].startswith("bsa")}, reverse=True):
-            ours = [get.get((n, T, d)) for n in names]
-            fm = get.get((f"flex_mask_{bs}x{bs}", T, d))
-            best = min(x for x in ours if x) if any(ours) else None
-            cells = [f"{x:.2f}" if x else "-" for x in ours + [fm, cudnn, get.get(("sdpa_flash", T, 1.0)),
-                                                              get.get(("flex_dense", T, 1.0))]]
-            r1 = f"{best / cudnn:.3f}" if best and cudnn else "-"
-            r2 = f"{best / fm:.3f}" if best and fm else "-"
-            print(f"| {T} | {d} | {' | '.join(cells)} | {r1} | {r2} |")
-    print("\n| T | kernel | ms | TFLOP/s | / cuDNN dense | extra MiB |\n|---|---|---|---|---|---|")
+            row = {n: get.get((n, T, d)) for n in names}
+            best_ours = min((row[n] for n in ours if row[n]), default=None)
+            others = [(ms, n) for n, ms in row.items() if ms and not n.startswith("bsa")]
+            fastest = min([(ms, n) for n, ms in row.items() if ms], default=(None, "-"))
+            cells = [f"{row[n]:.2f}" if row[n] else "-" for n in names]
+            speedup = f"{dense_ms / best_ours:.2f}x" if best_ours and dense_ms else "-"
+            vs_other = f"{best_ours / min(others)[0]:.3f} ({min(others)[1]})" if best_ours and others else "-"
+            dense_cell = f"{dense_name} {dense_ms:.2f}" if dense_name else "-"
+            print(f"| {T} | {d} | {' | '.join(cells)} | {dense_cell} | {speedup} | {fastest[1]} | {vs_other} |")
+    print("\n| T | kernel | ms | TFLOP/s | / fastest dense (name) | extra MiB |\n|---|---|---|---|---|---|")
     for r in timed:
-        if r["name"].startswith(("target", "dense_pass")):
-            cudnn = get.get(("sdpa_cudnn", r["seqlen"], 1.0))
-            ratio = f"{r['ms'] / cudnn:.3f}" if cudnn else "-"
+        if r["name"].startswith(("target", "dense_pass", "sdpa", "flex_dense", "fa4_dense")):
+            dense_name, dense_ms = fastest_dense(get, r["seqlen"])
+            ratio = f"{r['ms'] / dense_ms:.3f} ({dense_name})" if dense_ms else "-"
             print(f"| {r['seqlen']} | {r['name']} | {r['ms']:.2f} | {r['tflops']:.0f} | {ratio} | "
                   f"{r.get('extra_mem_mb', '-')} |")
-
 
 if __name__ == "__main__":
     main()

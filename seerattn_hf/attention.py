@@ -8,6 +8,7 @@ Dependencies point one way: this module uses the gate, the selectors and the ker
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 import torch
 
@@ -15,10 +16,12 @@ from .blocks import num_blocks, valid_block_rows
 from .decode_attention import sparse_decode_step
 from .gate import SeerGate
 from .ops.block_sparse_attn import (
+    fa4_block_sparse_attention,
     flex_block_sparse_attention,
     naive_block_sparse_attention,
     triton_block_sparse_attention,
 )
+from .ops.block_sparse_attn.fa4 import compute_capability, fa4_dense_attention, fa4_unsupported_reason, require_fa4
 from .ops.pooled_attn import naive_pooled_attention, triton_pooled_attention
 from .policy import RANKING_METHODS, SparsityPolicy
 from .selectors import (
@@ -62,6 +65,8 @@ class SeerLayerState:
     causal_blocks: torch.Tensor | None = None
     distill_record: DistillRecord | None = None
     hooks: list = field(default_factory=list)
+    # "sparse:<backend>" / "dense:<backend>" -> forwards of this layer that ran it (the backend report)
+    backend_calls: Counter = field(default_factory=Counter)
 
     @property
     def needs_gate_inputs(self) -> bool:
@@ -83,25 +88,71 @@ class SeerLayerState:
             self.causal_blocks = self.causal_blocks + causal
 
 
+# backend="auto" on CUDA, block-sparse prefill: the configurations (compute-capability major, block
+# size, mask sharing) where FlashAttention-4's block-sparse kernel beats our Triton kernel
+# (scripts/bench_attention.py on the H200, masks per query head: 12-15% faster at 128-token blocks,
+# 10-23% slower at 64). Every other configuration takes Triton. Dense passes take FA4 wherever it can
+# run (7-16% faster than cuDNN on the H200).
+AUTO_FA4_SPARSE = {(9, 128, "head"), (9, 128, "kv_group")}
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend of the kernels FA4 does not have (pooled attention): "fa4" runs Triton there."""
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if backend in ("triton", "flex") and device.type != "cuda":
+    if backend in ("triton", "flex", "fa4") and device.type != "cuda":
         raise ValueError(f"backend={backend!r} needs CUDA tensors, found tensors on {device}; "
                          "use backend='torch' or 'auto' on this device")
-    return backend
+    return "triton" if backend == "fa4" else backend
+
+
+def sparse_backend(backend: str, query: torch.Tensor, key: torch.Tensor, block_idx: torch.Tensor,
+                   block_size: int, seq_offsets) -> str:
+    """The block-sparse kernel that runs a call under `backend` (a policy value, or a name this
+    returned: it maps to itself): "torch", "triton", "flex" or "fa4". FA4 takes unpadded one-shot
+    prefills; left-padded batches and prompts continued from a cache run Triton, also under "fa4"."""
+    fa4_takes = seq_offsets is None and key.shape[2] == query.shape[2]
+    if backend == "fa4":
+        require_fa4(query.device, query.dtype, query.shape[-1], block_size)
+        return "fa4" if fa4_takes else "triton"
+    sharing = "head" if block_idx.shape[1] == query.shape[1] else "kv_group"
+    if (backend == "auto" and query.is_cuda and fa4_takes
+            and (compute_capability(query.device)[0], block_size, sharing) in AUTO_FA4_SPARSE
+            and fa4_unsupported_reason(query.device, query.dtype, query.shape[-1], block_size) is None):
+        return "fa4"
+    return resolve_backend(backend, query.device)
 
 
 def block_sparse_attention(query, key, value, block_idx, block_count, block_size, scale,
                            seq_offsets, backend: str) -> torch.Tensor:
-    """Dispatch to the block-sparse attention of `backend`; returns `[B, T, HQ, D]`."""
+    """Dispatch to the block-sparse attention `sparse_backend` picks under `backend`; returns
+    `[B, T, HQ, D]`."""
     implementation = {
         "torch": naive_block_sparse_attention,
         "triton": triton_block_sparse_attention,
         "flex": flex_block_sparse_attention,
-    }[resolve_backend(backend, query.device)]
+        "fa4": fa4_block_sparse_attention,
+    }[sparse_backend(backend, query, key, block_idx, block_size, seq_offsets)]
     return implementation(query, key, value, block_idx, block_count, block_size, scale=scale,
                           seq_offsets=seq_offsets)
+
+
+def dense_backend(backend: str, query, key, value, attention_mask, dropout: float, kwargs) -> str:
+    """"fa4" where FlashAttention-4 takes this dense pass, else "model" (the model's own attention).
+
+    FA4 takes causal inference passes of more than one query with no mask (transformers passes None
+    for an unpadded causal batch), no dropout and no sliding window or soft-capping. Decoding steps
+    stay with the model's attention (and the sparse-decoding path)."""
+    if backend not in ("auto", "fa4") or query.shape[2] == 1:  # decoding steps: checked first, cheaply
+        return "model"
+    if backend == "fa4":
+        require_fa4(query.device, query.dtype, query.shape[-1])
+    elif fa4_unsupported_reason(query.device, query.dtype, query.shape[-1]) is not None:
+        return "model"
+    takes = (attention_mask is None and not dropout
+             and kwargs.get("sliding_window") is None and not kwargs.get("softcap")
+             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)))
+    return "fa4" if takes else "model"
 
 
 def pooled_attention(query, key, value, block_size, scale, seq_offsets,
@@ -200,9 +251,17 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     prefill = query_length == key_length
     if state is None or state.mode == "dense" or not prefill or query_length < state.policy.min_sparse_length:
         # Layers left without a gate (GateConfig.layers), dense mode, decoding steps and
-        # prompts continued from a cache run the model's own attention.
-        if state is not None:
-            state.take_captured()
+        # prompts continued from a cache run dense: the model's own attention, or FA4 where
+        # `dense_backend` picks it.
+        if state is None:
+            return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
+        state.take_captured()
+        backend = dense_backend(state.policy.backend, query, key, value, attention_mask, dropout, kwargs)
+        if query_length > 1:  # passes over a prompt are reported; decoding steps are not
+            state.backend_calls[f"dense:{backend}"] += 1
+        if backend == "fa4":
+            return fa4_dense_attention(*same_dtype(query, key, value), scale=scaling), None
         return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
                                            dropout=dropout, **kwargs)
 
@@ -231,6 +290,8 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     # Counted per query head whatever the mask sharing, so the statistics outlive a policy change.
     groups = query.shape[1] // kept.shape[0]
     state.add_counts(kept.repeat_interleave(groups), causal.repeat_interleave(groups))
+    chosen = sparse_backend(policy.backend, query, key, block_idx, block_size, seq_offsets)
+    state.backend_calls[f"sparse:{chosen}"] += 1
     output = block_sparse_attention(query, key, value, block_idx, block_count, block_size, scale,
                                     seq_offsets, policy.backend)
     return output, None

@@ -8,6 +8,7 @@ itself is rerouted through transformers' attention-function registry.
 from __future__ import annotations
 
 import importlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -307,11 +308,16 @@ def get_sparsity_stats(model: nn.Module) -> dict:
     Returns {"density": computed causal blocks / all causal blocks over all layers, heads and rows,
     "per_layer": [{"layer": i, "density": d}, ...], "kept_blocks": int, "causal_blocks": int,
     "decode_density": KV blocks read / blocks up to each generated token (per KV head, over the
-    sparsely decoding layers and steps), "decode_kept_blocks": int, "decode_blocks": int}.
+    sparsely decoding layers and steps), "decode_kept_blocks": int, "decode_blocks": int,
+    "backends": {"sparse:<backend>" or "dense:<backend>": layer forwards that ran it} (the kernels the
+    policy's backend chose for prompt passes: "fa4", "triton", "torch", "flex", or "model" for the
+    model's own attention; decoding steps are not counted)}.
     """
     per_layer, kept_total, causal_total = [], 0, 0
+    backends = Counter()
     for attention in require_patched(model):
         state = attention.seer_state
+        backends.update(state.backend_calls)
         if state.kept_blocks is None:
             continue
         kept, causal = int(state.kept_blocks.sum()), int(state.causal_blocks.sum())
@@ -326,10 +332,12 @@ def get_sparsity_stats(model: nn.Module) -> dict:
             decode_total += int(decode.total_blocks.sum())
     return {"density": density, "per_layer": per_layer, "kept_blocks": kept_total, "causal_blocks": causal_total,
             "decode_density": decode_kept / decode_total if decode_total else None,
-            "decode_kept_blocks": decode_kept, "decode_blocks": decode_total}
+            "decode_kept_blocks": decode_kept, "decode_blocks": decode_total,
+            "backends": dict(sorted(backends.items()))}
 
 
 def reset_sparsity_stats(model: nn.Module) -> None:
     for attention in require_patched(model):
         attention.seer_state.kept_blocks = attention.seer_state.causal_blocks = None
+        attention.seer_state.backend_calls.clear()
         attention.seer_decode_state.reset_counts()

@@ -18,7 +18,7 @@ SELECTORS = ("gate", "oracle", "pooled_score", "streaming")
 SPARSITY_METHODS = ("threshold", "density", "coverage", "nz_ratio")
 # The methods that rank blocks (they need no probabilities, so a position ranking can feed them).
 RANKING_METHODS = ("density", "nz_ratio")
-BACKENDS = ("auto", "triton", "torch", "flex")
+BACKENDS = ("auto", "triton", "torch", "flex", "fa4")
 MASK_SHARINGS = ("head", "kv_group")
 # The one short form of a setting in tables, logs and results: "gate d=0.3", "oracle t=0.01".
 METHOD_SYMBOLS = {"threshold": "t", "density": "d", "coverage": "p", "nz_ratio": "nz"}
@@ -44,7 +44,11 @@ class SparsityPolicy:
         question of a prompt; the published rules use 2).
     mask_sharing: "head" (one mask per query head) or "kv_group" (one mask per KV head, shared by its
         query heads: the kernel then packs a group's heads into one tile).
-    backend: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch" or "flex".
+    backend: "auto" (chosen per configuration: on CUDA FlashAttention-4 where installed and measured
+        faster, else Triton; torch elsewhere; the table is `attention.AUTO_FA4_SPARSE`
+        and docs/kernels.md), "triton", "torch", "flex" or "fa4" (FlashAttention-4 for the
+        block-sparse prefill and the unmasked dense passes; an error where it cannot run). The
+        backends that ran are counted in `get_sparsity_stats(model)["backends"]`.
     min_sparse_length: prompts shorter than this run dense attention.
 
     Decoding (each generated token reads only some KV blocks; see `decode_selection`):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 
 from .render import REPORTS, write_report
 from .reports import environment, write_json
-from .settings import METHODS, AttentionSetting, build_settings
+from .settings import METHODS, MODEL_ATTENTION, AttentionSetting, build_settings
 
 DATA_FILES_HELP = ("local files or glob patterns: .txt/.md (one document each), .jsonl/.json (JSON lines or an "
                    "array of objects), .parquet, each optionally .gz/.bz2/.xz/.zst; default: the embedded held-out "
@@ -55,8 +55,9 @@ def _add_sparsity_arguments(parser: argparse.ArgumentParser, methods: list[str],
     group.add_argument("--keep_first_blocks", type=int, default=0, help="blocks always kept at the start")
     group.add_argument("--keep_recent_blocks", type=int, default=0, help="blocks always kept before the diagonal")
     group.add_argument("--mask_sharing", default="head", choices=["head", "kv_group"])
-    group.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flex"],
-                       help="sparse attention kernel (auto: triton on CUDA, torch on CPU)")
+    group.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flex", "fa4"],
+                       help="attention kernels (auto: chosen per configuration, FlashAttention-4 where "
+                            "installed and faster, else triton on CUDA; torch on CPU)")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -276,6 +277,29 @@ def _presets():
     return CONFIG_PRESETS
 
 
+def with_fa4_baselines(settings: list[AttentionSetting], backend: str, model: nn.Module) -> list[AttentionSetting]:
+    """Where FlashAttention-4 runs the model: every dense setting twice, on the model's own attention
+    and on FA4 dense (speed-ups are then stated against the faster), and under backend "auto" every
+    sparse setting also forced onto FA4's block-sparse kernel. Every setting names its backend, so
+    none inherits the previous one's."""
+    from ..ops.block_sparse_attn.fa4 import fa4_unsupported_reason
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if fa4_unsupported_reason(model.device, model.dtype, head_dim) is not None:
+        return settings
+    sparse_fa4 = backend == "auto" and fa4_unsupported_reason(model.device, model.dtype, head_dim,
+                                                               model.seer_config.gate.block_size) is None
+    expanded = []
+    for setting in settings:
+        if setting.method == "dense":
+            expanded += [replace(setting, backend=MODEL_ATTENTION), replace(setting, backend="fa4")]
+        else:
+            expanded += [replace(setting, backend=backend)] + ([replace(setting, backend="fa4")]
+                                                              if sparse_fa4 else [])
+    return expanded
+
+
 def prefill_main(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
@@ -284,6 +308,7 @@ def prefill_main(argv: list[str] | None = None) -> dict:
     # Random gates are fine here: only the share of kept blocks matters for speed.
     run = _start(prefill_parser(), argv, allow_untrained_gate=True)
     args = run.args
+    run.settings = with_fa4_baselines(run.settings, args.backend, run.model)
     header = {**run.header, "config_preset": args.config_preset, "num_layers": run.model.config.num_hidden_layers,
               "warmup": args.warmup, "repeats": args.repeats}
 

@@ -182,6 +182,7 @@ def benchmark_prefill(model: nn.Module, lengths: list[int], settings: list, warm
                 row.update(ttft_s=statistics.median(times), ttft_runs_s=times, ttft_no_attention_s=noop,
                            attention_end_to_end_s=None if noop is None else statistics.median(times) - noop,
                            density=achieved_density(model, setting),
+                           backends=sa.get_sparsity_stats(model)["backends"],
                            breakdown={k: round(v, 6) for k, v in breakdown.items()})
                 if device.type == "cuda":
                     row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

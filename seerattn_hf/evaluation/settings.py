@@ -26,24 +26,36 @@ def accepted_sparsity_methods(selector: str) -> list[str]:
     return accepted
 
 
+# The backend of a dense setting that runs the model's own attention (SDPA, eager): the policy's
+# dense passes take it under any backend but "auto" and "fa4".
+MODEL_ATTENTION = "model"
+
+
 @dataclass(frozen=True)
 class AttentionSetting:
     """method: one of METHODS; sparsity_method/value: how the selector's scores become a mask
-    (None for dense)."""
+    (None for dense); backend: the policy backend it runs with (None: leave the model's), or
+    MODEL_ATTENTION for a dense setting on the model's own attention. Named in the label."""
 
     method: str
     sparsity_method: str | None = None
     value: float | None = None
+    backend: str | None = None
 
     @property
     def label(self) -> str:
-        return setting_label(self.method, self.sparsity_method, self.value)
+        label = setting_label(self.method, self.sparsity_method, self.value)
+        return label if self.backend is None else f"{label} [{self.backend}]"
 
     def policy_changes(self) -> dict:
-        """The sparsity-policy fields this setting sets (empty for dense)."""
+        """The sparsity-policy fields this setting sets (for dense at most the backend)."""
+        changes = {}
+        if self.backend is not None:
+            changes["backend"] = "triton" if self.backend == MODEL_ATTENTION else self.backend
         if self.method == "dense":
-            return {}
-        return {"selector": self.method, "sparsity_method": self.sparsity_method, self.sparsity_method: self.value}
+            return changes
+        return {**changes, "selector": self.method, "sparsity_method": self.sparsity_method,
+                self.sparsity_method: self.value}
 
     def to_dict(self) -> dict:
         return {**asdict(self), "label": self.label}
@@ -74,6 +86,8 @@ def apply_setting(model: nn.Module, setting: AttentionSetting) -> None:
     import seerattn_hf as sa
 
     if setting.method == "dense":
+        if setting.policy_changes():
+            sa.update_sparsity_config(model, **setting.policy_changes())
         sa.set_attention_mode(model, "dense")
         return
     sa.set_attention_mode(model, "sparse")
