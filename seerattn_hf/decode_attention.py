@@ -145,7 +145,7 @@ def sparse_decode_step(module, policy, sparse: bool, query: torch.Tensor, key: t
         scores, current_block, size, policy.decode_sparsity_method, policy.decode_token_budget,
         policy.decode_threshold, policy.decode_keep_first_block, probabilities=selector == "gate")
     state.add_counts(block_count.sum(dim=0), (current_block + 1).sum().expand(block_count.shape[1]))
-    use_triton = key.is_cuda and policy.backend in ("auto", "triton")
+    use_triton = key.is_cuda and policy.backend != "torch"  # FA4 has no sparse decoding: our kernel serves it
     output = sparse_decode_attention(newest, key, value, block_idx, block_count, size, lens, scale, offsets,
                                      use_triton)
     return output[:, None]
