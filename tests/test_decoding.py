@@ -3,6 +3,7 @@ operation generate() uses."""
 
 import pytest
 import torch
+import torch._dynamo
 from model_factory import TINY_ARCHITECTURES, tiny_model
 
 import seerattn_hf as sa
@@ -231,8 +232,6 @@ def _compile_config(backend):
 
 @pytest.mark.parametrize("selector", ["gate", "quest"])
 def test_compiled_decoding_is_one_graph_that_decodes_like_eager(selector):
-    import torch._dynamo
-
     _, patched = _pair()
     ids, mask = _prompt(length=37)
     sa.update_sparsity_config(patched, decode_selector=selector, decode_token_budget=32)
@@ -254,7 +253,6 @@ def test_compiled_decoding_is_one_graph_that_decodes_like_eager(selector):
 def test_eager_calls_after_compiled_steps_find_the_summaries_right(dense_steps_between, monkeypatch):
     """Prefill eager, decode compiled, decode eager again on the same cache (and, between, compiled
     steps that decode densely): the same logits as decoding eagerly throughout."""
-    import torch._dynamo
     from transformers import StaticCache
 
     _, patched = _pair()
@@ -291,8 +289,6 @@ def test_decoding_under_cuda_graphs_matches_eager(selector):
     kernel runs inside CUDA graphs and decodes what eager decoding does."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    import torch._dynamo
-
     _, patched = _pair(head_dim=64, num_heads=8, num_kv_heads=2)
     patched.cuda()
     ids, mask = (x.cuda() for x in _prompt(length=300))

@@ -181,6 +181,10 @@ def benchmark_decoding(model: nn.Module, batch_sizes: list[int], contexts: list[
                 except torch.OutOfMemoryError as error:
                     rows.append({**point, "label": "all", "error": f"out of memory: {error}"[:200]})
                 finally:
+                    if mode == "compiled":
+                        import torch._dynamo
+
+                        torch._dynamo.reset()  # its graphs hold the static cache and their memory pools
                     del cache
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -262,7 +266,7 @@ def decode_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--prefill_chunk", type=int, default=8192, help="prompt tokens per prefill forward")
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=list(MODES),
+    parser.add_argument("--modes", nargs="+", default=["eager", "static", "compiled"], choices=list(MODES),
                         help="eager: DynamicCache; static: StaticCache; compiled: StaticCache + "
                         "torch.compile(mode='reduce-overhead'), CUDA only")
     return parser
