@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch import nn
 
 from ..models import CONFIG_PRESETS, build_random_model, resolve_device
@@ -65,8 +66,6 @@ def time_decoding(model: nn.Module, cache, token: torch.Tensor, context: int, wa
     mode "reduce-overhead", CUDA graphs), compiled afresh; the first warm-up step stays eager, as
     generate()'s prefill does, so that anything decoding allocates is allocated outside the graph.
     """
-    import torch._dynamo
-
     forward = model.forward
     if compile_backend is not None:
         torch._dynamo.reset()
@@ -182,8 +181,6 @@ def benchmark_decoding(model: nn.Module, batch_sizes: list[int], contexts: list[
                     rows.append({**point, "label": "all", "error": f"out of memory: {error}"[:200]})
                 finally:
                     if mode == "compiled":
-                        import torch._dynamo
-
                         torch._dynamo.reset()  # its graphs hold the static cache and their memory pools
                     del cache
                     if device.type == "cuda":
