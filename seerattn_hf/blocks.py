@@ -65,3 +65,34 @@ def valid_block_rows(length: int, block_size: int, seq_offsets: torch.Tensor | N
         return torch.ones(batch, total_blocks, dtype=torch.bool, device=device)
     own_blocks = (length - seq_offsets.to(device) + block_size - 1) // block_size
     return torch.arange(total_blocks, device=device)[None, :] < own_blocks[:, None]
+
+
+def query_block_rows(query_length: int, key_length: int, block_size: int,
+                     seq_offsets: torch.Tensor | None) -> int:
+    """How many query-block rows the kept-block lists of a query chunk hold.
+
+    The chunk is the last `query_length` of `key_length` positions (a prompt continued from a cache;
+    the whole sequence when they are equal). Blocks are counted from each sequence's first real token
+    (`seq_offsets`), so a chunk may start inside a block: its first row is then that block, partly
+    cached. Equal lengths give `num_blocks(key_length)` whatever the padding (the one-shot layout).
+    """
+    query_start = key_length - query_length
+    if seq_offsets is None:
+        return num_blocks(key_length, block_size) - query_start // block_size
+    first = [max(query_start - offset, 0) // block_size for offset in seq_offsets.tolist()]
+    return num_blocks(key_length, block_size) - min(first)
+
+
+def query_block_diagonals(query_length: int, key_length: int, block_size: int, seq_offsets: torch.Tensor | None,
+                          batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`diagonal`, `row_valid`), both `[B, R]` with R = `query_block_rows(...)`: the key block on the
+    diagonal of each query-block row of the chunk (its block index in the sequence), and whether the
+    row holds a real query token of the chunk."""
+    rows = query_block_rows(query_length, key_length, block_size, seq_offsets)
+    query_start = key_length - query_length
+    offsets = (torch.zeros(batch, dtype=torch.long, device=device) if seq_offsets is None
+               else seq_offsets.to(device).long())
+    first = (query_start - offsets).clamp(min=0) // block_size
+    sequence_blocks = (key_length - offsets + block_size - 1) // block_size
+    diagonal = first[:, None] + torch.arange(rows, device=device)[None, :]
+    return diagonal, diagonal < sequence_blocks[:, None]
