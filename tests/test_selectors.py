@@ -180,3 +180,32 @@ def test_select_block_lists_equals_the_packed_mask(config):
             assert torch.equal(block_idx[b, h, i, :n], expected_idx[b, h, i, :n])
         assert torch.equal(kept_block_counts(block_count, valid)[0], block_density_counts(mask, valid)[0])
         assert torch.equal(kept_block_counts(block_count, valid)[1], block_density_counts(mask, valid)[1])
+
+
+@pytest.mark.parametrize("config", [
+    SeerAttentionConfig(sparsity_method="density", density=0.3, keep_first_blocks=1, keep_recent_blocks=2),
+    SeerAttentionConfig(sparsity_method="density", density=0.5, dense_last_query_blocks=1),
+    SeerAttentionConfig(sparsity_method="threshold", threshold=0.05),
+    SeerAttentionConfig(sparsity_method="threshold", threshold=0.1, keep_diagonal=False),
+    SeerAttentionConfig(sparsity_method="coverage", coverage=0.7),
+    SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.3, keep_diagonal=False),
+    SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.2, dense_last_query_blocks=2),
+], ids=lambda c: f"{c.sparsity_method}-{c.keep_diagonal}-{c.dense_last_query_blocks}")
+def test_a_query_chunk_selects_the_rows_of_the_whole_prompt(config):
+    """The last rows of a prompt, selected as a chunk continued from a cache (each sequence's rows on
+    their own diagonals, sequence 1 shorter: left padding), keep what the whole prompt keeps there."""
+    probs = _random_probs(3, 2, 17)
+    row_valid = torch.ones(3, 17, dtype=torch.bool)
+    row_valid[1, 9:] = False
+    diagonal = torch.tensor([[14, 15, 16], [6, 7, 8], [14, 15, 16]])
+    rows = diagonal[:, None, :, None]
+    chunk_probs = probs.gather(2, rows.expand(-1, 2, -1, 17))
+    whole_idx, whole_count = select_block_lists(config, probs, row_valid)
+    idx, count = select_block_lists(config, chunk_probs, torch.ones(3, 3, dtype=torch.bool), diagonal)
+    assert torch.equal(count, whole_count.gather(2, diagonal[:, None].expand(-1, 2, -1)))
+    expected = whole_idx.gather(2, rows.expand(-1, 2, -1, whole_idx.shape[-1]))
+    for b, h, i in itertools.product(range(3), range(2), range(3)):
+        n = int(count[b, h, i])
+        assert torch.equal(idx[b, h, i, :n], expected[b, h, i, :n])
+    kept, causal = kept_block_counts(count, None, diagonal)
+    assert int(causal[0]) == int((diagonal + 1).sum()) and torch.equal(kept, count.sum(dim=(0, 2)))
