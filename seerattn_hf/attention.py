@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 import torch
 
-from .blocks import num_blocks, valid_block_rows
+from .blocks import num_blocks, query_block_diagonals, valid_block_rows
 from .decode_attention import sparse_decode_step
 from .gate import SeerGate
 from .ops.block_sparse_attn import (
@@ -21,6 +21,7 @@ from .ops.block_sparse_attn import (
 )
 from .ops.pooled_attn import naive_pooled_attention, triton_pooled_attention
 from .policy import RANKING_METHODS, SparsityPolicy
+from .rope import apply_rope
 from .selectors import (
     kept_block_counts,
     pooled_score_probs,
@@ -62,6 +63,8 @@ class SeerLayerState:
     causal_blocks: torch.Tensor | None = None
     distill_record: DistillRecord | None = None
     hooks: list = field(default_factory=list)
+    # Calls of the registered function per path taken ("sparse", "sparse_continued", "dense", ...).
+    paths: dict[str, int] = field(default_factory=dict)
 
     @property
     def needs_gate_inputs(self) -> bool:
@@ -72,6 +75,9 @@ class SeerLayerState:
         query, key = self.captured_query, self.captured_key
         self.captured_query = self.captured_key = None
         return query, key
+
+    def count_path(self, path: str) -> None:
+        self.paths[path] = self.paths.get(path, 0) + 1
 
     def add_counts(self, kept: torch.Tensor, causal: torch.Tensor) -> None:
         """Add per-query-head counts (`[HQ]` tensors), kept on the device: reading them would
@@ -197,40 +203,91 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
             state.take_captured()
             return decoded.to(value.dtype), None
     query_length, key_length = query.shape[2], key.shape[2]
-    prefill = query_length == key_length
-    if state is None or state.mode == "dense" or not prefill or query_length < state.policy.min_sparse_length:
-        # Layers left without a gate (GateConfig.layers), dense mode, decoding steps and
-        # prompts continued from a cache run the model's own attention.
+    path = "dense" if state is None else prefill_path(state, query_length, key_length, attention_mask)
+    if path == "dense":
+        # Layers left without a gate (GateConfig.layers), dense mode, decoding steps, short prompts
+        # and what continued prefill cannot take run the model's own attention.
         if state is not None:
             state.take_captured()
+            state.count_path("dense" if query_length > 1 else "decode")
         return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
                                            dropout=dropout, **kwargs)
+    state.count_path(path)
 
     policy, block_size = state.policy, state.block_size
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     query, key, value = same_dtype(query, key, value)
     batch = query.shape[0]
     seq_offsets = left_padding_offsets(attention_mask, batch, key_length)
-    row_valid = valid_block_rows(query_length, block_size, seq_offsets, batch, query.device)
     gate: SeerGate = module.seer_gate
 
-    if state.mode == "distill":
+    if path == "sparse_continued":
+        diagonal, row_valid = query_block_diagonals(query_length, key_length, block_size, seq_offsets, batch,
+                                                    query.device)
         captured_query, captured_key = _gate_inputs_or_fail(state)
         with torch.no_grad():
-            output, target = pooled_attention(query, key, value, block_size, scale, seq_offsets,
-                                              policy.backend)
-        gate_log_probs = gate(captured_query, captured_key, seq_offsets)
-        state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
-        return output, None
+            scores = gate(captured_query, _pre_rope_keys(module, key, captured_key, seq_offsets), seq_offsets,
+                          probabilities=policy.sparsity_method not in RANKING_METHODS)
+    else:
+        diagonal = None
+        row_valid = valid_block_rows(query_length, block_size, seq_offsets, batch, query.device)
+        if state.mode == "distill":
+            captured_query, captured_key = _gate_inputs_or_fail(state)
+            with torch.no_grad():
+                output, target = pooled_attention(query, key, value, block_size, scale, seq_offsets,
+                                                  policy.backend)
+            gate_log_probs = gate(captured_query, captured_key, seq_offsets)
+            state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
+            return output, None
+        scores = _selection_scores(state, gate, query, key, value, scale, seq_offsets)
 
-    scores = _selection_scores(state, gate, query, key, value, scale, seq_offsets)
     if policy.mask_sharing == "kv_group":
         scores = share_across_kv_group(scores, key.shape[1])
-    block_idx, block_count = select_block_lists(policy, scores, row_valid)
-    kept, causal = kept_block_counts(block_count, row_valid)
+    block_idx, block_count = select_block_lists(policy, scores, row_valid, diagonal)
+    kept, causal = kept_block_counts(block_count, row_valid, diagonal)
     # Counted per query head whatever the mask sharing, so the statistics outlive a policy change.
     groups = query.shape[1] // kept.shape[0]
     state.add_counts(kept.repeat_interleave(groups), causal.repeat_interleave(groups))
     output = block_sparse_attention(query, key, value, block_idx, block_count, block_size, scale,
                                     seq_offsets, policy.backend)
     return output, None
+
+
+def prefill_path(state: SeerLayerState, query_length: int, key_length: int, attention_mask) -> str:
+    """How a call computes attention: "sparse" (a whole prompt), "distill", "sparse_continued" (a chunk
+    of new tokens on top of a cache) or "dense" (decoding steps, dense mode, layers without a gate
+    kept sparse, prompts shorter than `min_sparse_length`, continued prefill with a selector other
+    than the gate or over a cache with room for later tokens, e.g. a StaticCache)."""
+    if state.mode == "dense" or key_length < state.policy.min_sparse_length:
+        return "dense"
+    if query_length == key_length:
+        return state.mode
+    if state.mode != "sparse" or query_length == 1 or state.policy.selector != "gate":
+        return "dense"
+    return "sparse_continued" if _keys_end_at_the_query(attention_mask) else "dense"
+
+
+def _keys_end_at_the_query(attention_mask) -> bool:
+    """Whether the last key is the last query's own token (a cache allocated ahead, such as a
+    StaticCache, hands the attention its empty slots too, masked)."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return True
+    last = attention_mask[:, 0, -1, -1]
+    return bool((last if last.dtype == torch.bool else last == 0).all())
+
+
+def _pre_rope_keys(module, key: torch.Tensor, captured_key: torch.Tensor,
+                   seq_offsets: torch.Tensor | None) -> torch.Tensor:
+    """`[B, T, HKV, D]` pre-RoPE keys of all T positions: the cached ones recovered from the cache's
+    post-RoPE keys `key: [B, HKV, T, D]` by undoing the model's rotation exactly (at each sequence's
+    positions, counted from its first real token as transformers counts them), the new ones as
+    captured (`[B, TQ, HKV, D]`). Recomputed at each chunk rather than kept: one elementwise pass
+    over the cached keys, with nothing to keep in step with the cache (crops, beam reordering,
+    caches built elsewhere)."""
+    cached = key.shape[2] - captured_key.shape[1]
+    positions = torch.arange(cached, device=key.device)[None, None]
+    if seq_offsets is not None:
+        positions = positions - seq_offsets.to(key.device)[:, None, None]
+    inv_freq, scaling = module.seer_decode_state.key_rope
+    recovered = apply_rope(key[:, :, :cached], positions, inv_freq, scaling, inverse=True)
+    return torch.cat((recovered.to(captured_key.dtype).transpose(1, 2), captured_key), dim=1)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .blocks import pool_blocks_padded
+from .blocks import pool_blocks_padded, pool_query_blocks, query_block_diagonals
 from .gate_config import GateConfig
 
 
@@ -71,11 +71,11 @@ class SeerGate(nn.Module):
             bound = 1.0 / math.sqrt(weight.shape[1])
             nn.init.uniform_(weight, -bound, bound)
 
-    def _block_rope(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate `x: [B, H, NB, h]` to each block's first token, in x's dtype (cos and sin are
-        computed in float32 and rounded to it, as transformers' rotary embeddings do)."""
-        positions = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32) * self.block_size
-        freqs = positions[:, None] * self.rope_inv_freq.to(x.device)[None, :]
+    def _block_rope(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Rotate `x: [B, H, N, h]` to the first token of blocks `blocks: [B or 1, N]`, in x's dtype
+        (cos and sin are computed in float32 and rounded to it, as transformers' rotary embeddings do)."""
+        positions = blocks.to(device=x.device, dtype=torch.float32)[:, None] * self.block_size
+        freqs = positions[..., None] * self.rope_inv_freq.to(x.device)
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = (angles.cos() * self.rope_scaling).to(x.dtype)
         sin = (angles.sin() * self.rope_scaling).to(x.dtype)
@@ -83,17 +83,20 @@ class SeerGate(nn.Module):
 
     def block_scores(self, query: torch.Tensor, key: torch.Tensor,
                      seq_offsets: torch.Tensor | None = None) -> torch.Tensor:
-        """`[B, HQ, NB, NB]` gate scores `q . k * h ** -0.5` in the compute dtype, -inf above the
-        block diagonal (arguments as for `forward`)."""
-        batch = query.shape[0]
-        if query.shape[2:] != (self.num_heads, self.head_dim) or key.shape[2:] != (self.num_kv_heads, self.head_dim):
+        """`[B, HQ, R, NB]` gate scores `q . k * h ** -0.5` in the compute dtype, -inf above each
+        row's diagonal block (arguments as for `forward`)."""
+        batch, query_length, key_length = query.shape[0], query.shape[1], key.shape[1]
+        if (query.shape[2:] != (self.num_heads, self.head_dim) or key.shape[2:] != (self.num_kv_heads, self.head_dim)
+                or key.shape[0] != batch or query_length > key_length):
             raise ValueError(
-                f"gate expects query [B, T, {self.num_heads}, {self.head_dim}] and key "
-                f"[B, T, {self.num_kv_heads}, {self.head_dim}], found {tuple(query.shape)} and {tuple(key.shape)}")
+                f"gate expects query [B, TQ, {self.num_heads}, {self.head_dim}] and key "
+                f"[B, T >= TQ, {self.num_kv_heads}, {self.head_dim}], found {tuple(query.shape)} and {tuple(key.shape)}")
         dtype = query.dtype if self.compute_dtype == "model" else torch.float32
         # Pooling accumulates in float32; the pooled states are then rounded once to the compute dtype.
-        pooled_q = pool_blocks_padded(query, self.q_pooling, self.block_size, seq_offsets).to(dtype)
+        pooled_q = pool_query_blocks(query, self.q_pooling, self.block_size, key_length, seq_offsets).to(dtype)
         pooled_k = pool_blocks_padded(key, self.k_pooling, self.block_size, seq_offsets).to(dtype)
+        diagonal, _ = query_block_diagonals(query_length, key_length, self.block_size, seq_offsets, batch,
+                                            query.device)
         if self.k_projection == "query_head":
             # Query head i reads KV head i // G: repeated before the per-query-head map.
             pooled_k = pooled_k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
@@ -101,14 +104,15 @@ class SeerGate(nn.Module):
             gate_q = pooled_q.transpose(1, 2)
         else:
             gate_q = torch.einsum("bnhi,hio->bhno", pooled_q, self.q_weight.to(dtype))
-        gate_q = self._block_rope(gate_q)
-        gate_k = self._block_rope(torch.einsum("bnhi,hio->bhno", pooled_k, self.k_weight.to(dtype)))
-        key_heads, blocks, hidden = gate_k.shape[1], gate_k.shape[2], gate_k.shape[3]
+        gate_q = self._block_rope(gate_q, diagonal)
+        gate_k = torch.einsum("bnhi,hio->bhno", pooled_k, self.k_weight.to(dtype))
+        gate_k = self._block_rope(gate_k, torch.arange(gate_k.shape[2], device=gate_k.device)[None])
+        key_heads, rows, blocks, hidden = gate_k.shape[1], diagonal.shape[1], gate_k.shape[2], gate_k.shape[3]
         # Each gate key head serves a group of query heads (a group of one with "query_head").
-        gate_q = gate_q.reshape(batch, key_heads, self.num_heads // key_heads, blocks, hidden)
+        gate_q = gate_q.reshape(batch, key_heads, self.num_heads // key_heads, rows, hidden)
         scores = (gate_q @ gate_k.unsqueeze(2).transpose(-1, -2)) * hidden ** -0.5
-        scores = scores.view(batch, self.num_heads, blocks, blocks)
-        above_diagonal = torch.ones(blocks, blocks, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.view(batch, self.num_heads, rows, blocks)
+        above_diagonal = torch.arange(blocks, device=scores.device) > diagonal[:, None, :, None]
         return scores.masked_fill(above_diagonal, float("-inf"))
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, seq_offsets: torch.Tensor | None = None,
@@ -116,15 +120,16 @@ class SeerGate(nn.Module):
         """Block attention log-probabilities, or probabilities.
 
         Args:
-            query: `[B, T, HQ, D]` pre-RoPE query states.
+            query: `[B, TQ, HQ, D]` pre-RoPE query states of the last TQ <= T positions (TQ < T: a
+                chunk continued from a cache, its rows as `blocks.query_block_diagonals` orders them).
             key: `[B, T, HKV, D]` pre-RoPE key states.
             seq_offsets: `[B]` left-padding lengths, or None.
             probabilities: return the softmax in the compute dtype (what sparse prefill selects
                 from; the published gates threshold their bf16 softmax) instead of float32
                 log-probabilities (what distillation trains).
         Returns:
-            `[B, HQ, NB, NB]` over key blocks, zero probability (-inf log-probability) above the
-            block diagonal. Rows of blocks that lie wholly in padding hold finite values to be ignored.
+            `[B, HQ, R, NB]` over key blocks (R = NB for a whole prompt), zero probability (-inf
+            log-probability) above each row's diagonal block. Rows of blocks that lie wholly in padding hold finite values to be ignored.
         """
         scores = self.block_scores(query, key, seq_offsets)
         if probabilities:

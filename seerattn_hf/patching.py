@@ -306,11 +306,15 @@ def get_sparsity_stats(model: nn.Module) -> dict:
     Returns {"density": computed causal blocks / all causal blocks over all layers, heads and rows,
     "per_layer": [{"layer": i, "density": d}, ...], "kept_blocks": int, "causal_blocks": int,
     "decode_density": KV blocks read / blocks up to each generated token (per KV head, over the
-    sparsely decoding layers and steps), "decode_kept_blocks": int, "decode_blocks": int}.
+    sparsely decoding layers and steps), "decode_kept_blocks": int, "decode_blocks": int,
+    "paths": {path: layer calls}, the path each gated layer's attention took ("sparse", "dense",
+    "sparse_continued", "distill", "decode"; see `attention.prefill_path`)}.
     """
-    per_layer, kept_total, causal_total = [], 0, 0
+    per_layer, kept_total, causal_total, paths = [], 0, 0, {}
     for attention in require_patched(model):
         state = attention.seer_state
+        for path, calls in state.paths.items():
+            paths[path] = paths.get(path, 0) + calls
         if state.kept_blocks is None:
             continue
         kept, causal = int(state.kept_blocks.sum()), int(state.causal_blocks.sum())
@@ -325,10 +329,11 @@ def get_sparsity_stats(model: nn.Module) -> dict:
             decode_total += int(decode.total_blocks.sum())
     return {"density": density, "per_layer": per_layer, "kept_blocks": kept_total, "causal_blocks": causal_total,
             "decode_density": decode_kept / decode_total if decode_total else None,
-            "decode_kept_blocks": decode_kept, "decode_blocks": decode_total}
+            "decode_kept_blocks": decode_kept, "decode_blocks": decode_total, "paths": dict(sorted(paths.items()))}
 
 
 def reset_sparsity_stats(model: nn.Module) -> None:
     for attention in require_patched(model):
         attention.seer_state.kept_blocks = attention.seer_state.causal_blocks = None
+        attention.seer_state.paths = {}
         attention.seer_decode_state.kept_blocks = attention.seer_decode_state.total_blocks = None

@@ -121,7 +121,47 @@ def test_gate_is_invariant_to_left_padding():
 
 def test_gate_rejects_wrong_shapes():
     gate = SeerGate(4, 2, 8, SeerAttentionConfig(gate_hidden_size=8), _inv_freq(8))
-    with pytest.raises(ValueError, match=r"gate expects query \[B, T, 4, 8\]"):
+    with pytest.raises(ValueError, match=r"gate expects query \[B, TQ, 4, 8\]"):
         gate(torch.randn(1, 10, 2, 8), torch.randn(1, 10, 2, 8))
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         SeerGate(3, 2, 8, SeerAttentionConfig(gate_hidden_size=8), _inv_freq(8))
+
+
+@pytest.mark.parametrize("chunk", [48, 37, 5], ids=["block-aligned", "inside-a-block", "inside-one-block"])
+def test_a_query_chunk_scores_the_rows_of_the_whole_prompt(chunk):
+    """A chunk of the last queries against all keys: the rows of its blocks whose queries all lie in
+    the chunk score as the whole prompt scores them; a first block partly cached pools the chunk's
+    queries of that block."""
+    config = SeerAttentionConfig(block_size=16, gate_hidden_size=8)
+    gate = SeerGate(4, 2, 4, config, _inv_freq(8))
+    length = 90
+    query, key = torch.randn(2, length, 4, 4), torch.randn(2, length, 2, 4)
+    whole = gate(query, key)
+    scores = gate(query[:, -chunk:], key)
+    start = length - chunk
+    first_row = start // 16
+    assert scores.shape == (2, 4, 6 - first_row, 6)
+    partial = start % 16 != 0
+    torch.testing.assert_close(scores[:, :, int(partial):], whole[:, :, first_row + int(partial):])
+    if partial:
+        # The partial block's query is the chunk's part of it: as a prompt whose block holds only those.
+        block_end = min((first_row + 1) * 16, length)
+        shifted = query.clone()
+        shifted[:, first_row * 16: block_end] = query[:, start: block_end].mean(1, keepdim=True)
+        expected = gate(shifted, key)[:, :, first_row]
+        torch.testing.assert_close(scores[:, :, 0], expected)
+
+
+def test_a_query_chunk_is_invariant_to_left_padding():
+    config = SeerAttentionConfig(block_size=16, gate_hidden_size=8)
+    gate = SeerGate(2, 1, 4, config, _inv_freq(8))
+    query, key = torch.randn(1, 60, 2, 4), torch.randn(1, 60, 1, 4)
+    pad, chunk = 21, 27
+    padded_q = torch.cat([torch.randn(1, pad, 2, 4), query], 1)
+    padded_k = torch.cat([torch.randn(1, pad, 1, 4), key], 1)
+    # Two sequences: the padded one and the unpadded one, whose chunk starts at another residue.
+    batch_q = torch.cat([padded_q, torch.cat([query, torch.randn(1, pad, 2, 4)], 1)])
+    batch_k = torch.cat([padded_k, torch.cat([key, torch.randn(1, pad, 1, 4)], 1)])
+    scores = gate(batch_q[:, -chunk:], batch_k, torch.tensor([pad, 0]))
+    alone = gate(query[:, -chunk:], key)
+    torch.testing.assert_close(scores[:1, :, : alone.shape[2], : alone.shape[3]], alone)
