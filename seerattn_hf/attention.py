@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .blocks import num_blocks, query_block_diagonals, valid_block_rows
+from .crossover import auto_min_sparse_length
 from .decode_attention import sparse_decode_step
 from .gate import SeerGate
 from .ops.block_sparse_attn import (
@@ -203,7 +204,7 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
             state.take_captured()
             return decoded.to(value.dtype), None
     query_length, key_length = query.shape[2], key.shape[2]
-    path = "dense" if state is None else prefill_path(state, query_length, key_length, attention_mask)
+    path = "dense" if state is None else prefill_path(state, query, key, attention_mask)
     if path == "dense":
         # Layers left without a gate (GateConfig.layers), dense mode, decoding steps, short prompts
         # and what continued prefill cannot take run the model's own attention.
@@ -253,12 +254,20 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     return output, None
 
 
-def prefill_path(state: SeerLayerState, query_length: int, key_length: int, attention_mask) -> str:
-    """How a call computes attention: "sparse" (a whole prompt), "distill", "sparse_continued" (a chunk
-    of new tokens on top of a cache) or "dense" (decoding steps, dense mode, layers without a gate
-    kept sparse, prompts shorter than `min_sparse_length`, continued prefill with a selector other
-    than the gate or over a cache with room for later tokens, e.g. a StaticCache)."""
-    if state.mode == "dense" or key_length < state.policy.min_sparse_length:
+def prefill_path(state: SeerLayerState, query: torch.Tensor, key: torch.Tensor, attention_mask) -> str:
+    """How a call (query `[B, HQ, TQ, D]`, key `[B, HKV, T, D]`) computes attention: "sparse" (a whole
+    prompt), "distill", "sparse_continued" (a chunk of new tokens on top of a cache) or "dense"
+    (decoding steps, dense mode, prompts shorter than `min_sparse_length` or, with "auto", than the
+    device's crossover, continued prefill with a selector other than the gate or over a cache with
+    room for later tokens, e.g. a StaticCache)."""
+    query_length, key_length = query.shape[2], key.shape[2]
+    if state.mode == "dense":
+        return "dense"
+    min_length = state.policy.min_sparse_length
+    if min_length == "auto" and state.mode == "sparse":
+        min_length = auto_min_sparse_length(state.policy, query.device, state.block_size, query.shape[1],
+                                            key.shape[1], query.shape[3], query.dtype)
+    if min_length != "auto" and key_length < min_length:
         return "dense"
     if query_length == key_length:
         return state.mode

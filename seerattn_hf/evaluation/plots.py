@@ -103,7 +103,7 @@ def plot_prefill(results: list[dict], path: str | Path) -> Path | None:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = list(dict.fromkeys(r["label"] for r in results))
-    dense = {r["length"]: r["ttft_s"] for r in results if r["method"] == "dense"}
+    dense = {r["length"]: r["ttft_s"] for r in results if r["method"] == "dense" and not r.get("chunk_size")}
     for index, label in enumerate(labels):
         points = sorted((r for r in results if r["label"] == label), key=lambda r: r["length"])
         lengths = [p["length"] for p in points]
