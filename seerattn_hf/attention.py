@@ -175,7 +175,8 @@ def _selection_scores(state: SeerLayerState, gate: SeerGate, query, key, value, 
         # top-k ranks (a bf16 softmax would tie the blocks whose probabilities round alike or underflow).
         with torch.no_grad():
             return gate(captured_query, captured_key, seq_offsets,
-                        probabilities=policy.sparsity_method not in RANKING_METHODS)
+                        probabilities=policy.sparsity_method not in RANKING_METHODS,
+                        fused=resolve_backend(policy.backend, query.device) == "triton")
     if policy.selector == "oracle":
         return pooled_attention(query, key, value, state.block_size, scale, seq_offsets, policy.backend)[1]
     if policy.selector == "pooled_score":
@@ -228,7 +229,8 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
         captured_query, captured_key = _gate_inputs_or_fail(state)
         with torch.no_grad():
             scores = gate(captured_query, _pre_rope_keys(module, key, captured_key, seq_offsets), seq_offsets,
-                          probabilities=policy.sparsity_method not in RANKING_METHODS)
+                          probabilities=policy.sparsity_method not in RANKING_METHODS,
+                          fused=resolve_backend(policy.backend, query.device) == "triton")
     else:
         diagonal = None
         row_valid = valid_block_rows(query_length, block_size, seq_offsets, batch, query.device)

@@ -36,8 +36,8 @@ def pool_blocks(x: torch.Tensor, kinds: list[str], block_size: int) -> torch.Ten
                 per_piece.append(piece.amax(dim=2).float())
             else:
                 per_piece.append(piece.amin(dim=2).float())
-        pooled.append(torch.cat(per_piece, dim=1))
-    return torch.cat(pooled, dim=-1)
+        pooled.append(torch.cat(per_piece, dim=1) if len(per_piece) > 1 else per_piece[0])
+    return torch.cat(pooled, dim=-1) if len(pooled) > 1 else pooled[0]
 
 
 def pool_blocks_padded(x: torch.Tensor, kinds: list[str], block_size: int,
@@ -121,8 +121,10 @@ def query_block_diagonals(query_length: int, key_length: int, block_size: int, s
     chunk."""
     rows = query_block_rows(query_length, key_length, block_size, seq_offsets)
     query_start = key_length - query_length
-    offsets = (torch.zeros(batch, dtype=torch.long, device=device) if seq_offsets is None
-               else seq_offsets.to(device).long())
+    if seq_offsets is None:  # one layout for the batch, built without reading anything back
+        diagonal = torch.arange(query_start // block_size, query_start // block_size + rows, device=device)
+        return diagonal.expand(batch, rows), torch.ones(batch, rows, dtype=torch.bool, device=device)
+    offsets = seq_offsets.to(device).long()
     first = (query_start - offsets).clamp(min=0) // block_size
     sequence_blocks = (key_length - offsets + block_size - 1) // block_size
     diagonal = first[:, None] + torch.arange(rows, device=device)[None, :]

@@ -9,11 +9,7 @@ from torch import nn
 
 from .blocks import pool_blocks_padded, pool_query_blocks, query_block_diagonals
 from .gate_config import GateConfig
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+from .ops.gate_scores import naive_gate_scores, triton_gate_scores
 
 
 def gate_weight_shapes(config: GateConfig, num_heads: int, num_kv_heads: int,
@@ -71,20 +67,9 @@ class SeerGate(nn.Module):
             bound = 1.0 / math.sqrt(weight.shape[1])
             nn.init.uniform_(weight, -bound, bound)
 
-    def _block_rope(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """Rotate `x: [B, H, N, h]` to the first token of blocks `blocks: [B or 1, N]`, in x's dtype
-        (cos and sin are computed in float32 and rounded to it, as transformers' rotary embeddings do)."""
-        positions = blocks.to(device=x.device, dtype=torch.float32)[:, None] * self.block_size
-        freqs = positions[..., None] * self.rope_inv_freq.to(x.device)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos = (angles.cos() * self.rope_scaling).to(x.dtype)
-        sin = (angles.sin() * self.rope_scaling).to(x.dtype)
-        return x * cos + rotate_half(x) * sin
-
-    def block_scores(self, query: torch.Tensor, key: torch.Tensor,
-                     seq_offsets: torch.Tensor | None = None) -> torch.Tensor:
-        """`[B, HQ, R, NB]` gate scores `q . k * h ** -0.5` in the compute dtype, -inf above each
-        row's diagonal block (arguments as for `forward`)."""
+    def projected(self, query: torch.Tensor, key: torch.Tensor, seq_offsets: torch.Tensor | None = None):
+        """The gate's queries `[B, HQ, R, h]` and keys `[B, HK, NB, h]` before block RoPE, in the
+        compute dtype, and each query row's diagonal key block `[B, R]` (arguments as for `forward`)."""
         batch, query_length, key_length = query.shape[0], query.shape[1], key.shape[1]
         if (query.shape[2:] != (self.num_heads, self.head_dim) or key.shape[2:] != (self.num_kv_heads, self.head_dim)
                 or key.shape[0] != batch or query_length > key_length):
@@ -104,19 +89,18 @@ class SeerGate(nn.Module):
             gate_q = pooled_q.transpose(1, 2)
         else:
             gate_q = torch.einsum("bnhi,hio->bhno", pooled_q, self.q_weight.to(dtype))
-        gate_q = self._block_rope(gate_q, diagonal)
         gate_k = torch.einsum("bnhi,hio->bhno", pooled_k, self.k_weight.to(dtype))
-        gate_k = self._block_rope(gate_k, torch.arange(gate_k.shape[2], device=gate_k.device)[None])
-        key_heads, rows, blocks, hidden = gate_k.shape[1], diagonal.shape[1], gate_k.shape[2], gate_k.shape[3]
-        # Each gate key head serves a group of query heads (a group of one with "query_head").
-        gate_q = gate_q.reshape(batch, key_heads, self.num_heads // key_heads, rows, hidden)
-        scores = (gate_q @ gate_k.unsqueeze(2).transpose(-1, -2)) * hidden ** -0.5
-        scores = scores.view(batch, self.num_heads, rows, blocks)
-        above_diagonal = torch.arange(blocks, device=scores.device) > diagonal[:, None, :, None]
-        return scores.masked_fill(above_diagonal, float("-inf"))
+        return gate_q, gate_k, diagonal
+
+    def block_scores(self, query: torch.Tensor, key: torch.Tensor,
+                     seq_offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, HQ, R, NB]` gate scores `q . k * h ** -0.5` in the compute dtype, -inf above each
+        row's diagonal block (arguments as for `forward`)."""
+        return naive_gate_scores(*self.projected(query, key, seq_offsets), self.rope_inv_freq, self.block_size,
+                                 self.rope_scaling)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, seq_offsets: torch.Tensor | None = None,
-                probabilities: bool = False) -> torch.Tensor:
+                probabilities: bool = False, fused: bool = False) -> torch.Tensor:
         """Block attention log-probabilities, or probabilities.
 
         Args:
@@ -127,11 +111,17 @@ class SeerGate(nn.Module):
             probabilities: return the softmax in the compute dtype (what sparse prefill selects
                 from; the published gates threshold their bf16 softmax) instead of float32
                 log-probabilities (what distillation trains).
+            fused: block RoPE, scores and softmax in one Triton kernel (inference only: no gradient;
+                float32 compute only, else the torch path runs).
         Returns:
             `[B, HQ, R, NB]` over key blocks (R = NB for a whole prompt), zero probability (-inf
-            log-probability) above each row's diagonal block. Rows of blocks that lie wholly in padding hold finite values to be ignored.
+            log-probability) above each row's diagonal block. Rows of blocks that lie wholly in
+            padding hold finite values to be ignored.
         """
-        scores = self.block_scores(query, key, seq_offsets)
-        if probabilities:
-            return scores.softmax(dim=-1)
-        return scores.float().log_softmax(dim=-1)
+        normalize = "softmax" if probabilities else "log_softmax"
+        gate_q, gate_k, diagonal = self.projected(query, key, seq_offsets)
+        if fused and gate_q.dtype == torch.float32 and not (torch.is_grad_enabled() and self.k_weight.requires_grad):
+            return triton_gate_scores(gate_q, gate_k, diagonal, self.rope_inv_freq, self.block_size,
+                                      self.rope_scaling, normalize)
+        return naive_gate_scores(gate_q, gate_k, diagonal, self.rope_inv_freq, self.block_size, self.rope_scaling,
+                                 normalize)

@@ -165,3 +165,47 @@ def test_a_query_chunk_is_invariant_to_left_padding():
     scores = gate(batch_q[:, -chunk:], batch_k, torch.tensor([pad, 0]))
     alone = gate(query[:, -chunk:], key)
     torch.testing.assert_close(scores[:1, :, : alone.shape[2], : alone.shape[3]], alone)
+
+
+@pytest.mark.parametrize("layout", [
+    (1, 77, 77, 4, 1, None),  # a whole prompt, partial last block, GQA 4:1
+    (2, 90, 90, 4, 2, [0, 23]),  # left padding
+    (2, 37, 130, 4, 2, [5, 0]),  # a chunk continued from a cache, starting inside a block
+], ids=["prompt-GQA", "padding", "chunk-padding"])
+@pytest.mark.parametrize("probabilities", [False, True], ids=["log_probs", "probs"])
+def test_fused_scoring_matches_the_torch_path(layout, probabilities, monkeypatch):
+    import seerattn_hf.gate as gate_module
+
+    calls = []
+    kernel = gate_module.triton_gate_scores
+    monkeypatch.setattr(gate_module, "triton_gate_scores", lambda *args: calls.append(1) or kernel(*args))
+    batch, query_length, key_length, heads, kv_heads, offsets = layout
+    config = SeerAttentionConfig(block_size=16, gate_hidden_size=32)
+    gate = SeerGate(heads, kv_heads, 16, config, _inv_freq(32), rope_scaling=1.3)
+    query, key = torch.randn(batch, query_length, heads, 16), torch.randn(batch, key_length, kv_heads, 16)
+    offsets = None if offsets is None else torch.tensor(offsets)
+    with torch.no_grad():
+        fused = gate(query, key, offsets, probabilities, fused=True)
+        expected = gate(query, key, offsets, probabilities)
+    assert len(calls) == 1
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_path_leaves_training_to_torch():
+    gate = SeerGate(2, 1, 16, SeerAttentionConfig(block_size=16, gate_hidden_size=32), _inv_freq(32))
+    log_probs = gate(torch.randn(1, 40, 2, 16), torch.randn(1, 40, 1, 16), fused=True)
+    assert log_probs.requires_grad  # autograd through the torch path
+    log_probs.masked_fill(log_probs.isinf(), 0).sum().backward()
+    assert gate.k_weight.grad is not None
+
+
+@pytest.mark.gpu
+def test_fused_scoring_matches_the_torch_path_bf16_gpu():
+    config = SeerAttentionConfig()
+    gate = SeerGate(32, 8, 128, config, _inv_freq(128)).cuda()
+    query = torch.randn(1, 8192 + 17, 32, 128, device="cuda", dtype=torch.bfloat16)
+    key = torch.randn(1, 8192 + 17, 8, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fused = gate(query, key, probabilities=True, fused=True)
+        expected = gate(query, key, probabilities=True)
+    assert (fused - expected).abs().max() < 1e-5
