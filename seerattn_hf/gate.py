@@ -7,9 +7,9 @@ import math
 import torch
 from torch import nn
 
-from .blocks import pool_blocks_padded, pool_query_blocks, query_block_diagonals
+from .blocks import pool_query_blocks, query_block_diagonals
 from .gate_config import GateConfig
-from .ops.gate_scores import naive_gate_scores, triton_gate_scores
+from .ops.gate_scores import naive_gate_projection, naive_gate_scores, triton_gate_projection, triton_gate_scores
 
 
 def gate_weight_shapes(config: GateConfig, num_heads: int, num_kv_heads: int,
@@ -67,7 +67,8 @@ class SeerGate(nn.Module):
             bound = 1.0 / math.sqrt(weight.shape[1])
             nn.init.uniform_(weight, -bound, bound)
 
-    def projected(self, query: torch.Tensor, key: torch.Tensor, seq_offsets: torch.Tensor | None = None):
+    def projected(self, query: torch.Tensor, key: torch.Tensor, seq_offsets: torch.Tensor | None = None,
+                  fused: bool = False):
         """The gate's queries `[B, HQ, R, h]` and keys `[B, HK, NB, h]` before block RoPE, in the
         compute dtype, and each query row's diagonal key block `[B, R]` (arguments as for `forward`)."""
         batch, query_length, key_length = query.shape[0], query.shape[1], key.shape[1]
@@ -77,19 +78,16 @@ class SeerGate(nn.Module):
                 f"gate expects query [B, TQ, {self.num_heads}, {self.head_dim}] and key "
                 f"[B, T >= TQ, {self.num_kv_heads}, {self.head_dim}], found {tuple(query.shape)} and {tuple(key.shape)}")
         dtype = query.dtype if self.compute_dtype == "model" else torch.float32
-        # Pooling accumulates in float32; the pooled states are then rounded once to the compute dtype.
-        pooled_q = pool_query_blocks(query, self.q_pooling, self.block_size, key_length, seq_offsets).to(dtype)
-        pooled_k = pool_blocks_padded(key, self.k_pooling, self.block_size, seq_offsets).to(dtype)
         diagonal, _ = query_block_diagonals(query_length, key_length, self.block_size, seq_offsets, batch,
                                             query.device)
-        if self.k_projection == "query_head":
-            # Query head i reads KV head i // G: repeated before the per-query-head map.
-            pooled_k = pooled_k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
+        project = triton_gate_projection if fused and dtype == torch.float32 else naive_gate_projection
         if self.q_weight is None:
-            gate_q = pooled_q.transpose(1, 2)
+            gate_q = pool_query_blocks(query, self.q_pooling, self.block_size, key_length, seq_offsets)
+            gate_q = gate_q.to(dtype).transpose(1, 2)
         else:
-            gate_q = torch.einsum("bnhi,hio->bhno", pooled_q, self.q_weight.to(dtype))
-        gate_k = torch.einsum("bnhi,hio->bhno", pooled_k, self.k_weight.to(dtype))
+            gate_q = project(query, self.q_weight, self.q_pooling, self.block_size, key_length, seq_offsets, dtype)
+        # With k_projection="query_head" the map has a weight per query head, each reading its KV head.
+        gate_k = project(key, self.k_weight, self.k_pooling, self.block_size, key_length, seq_offsets, dtype)
         return gate_q, gate_k, diagonal
 
     def block_scores(self, query: torch.Tensor, key: torch.Tensor,
@@ -111,16 +109,17 @@ class SeerGate(nn.Module):
             probabilities: return the softmax in the compute dtype (what sparse prefill selects
                 from; the published gates threshold their bf16 softmax) instead of float32
                 log-probabilities (what distillation trains).
-            fused: block RoPE, scores and softmax in one Triton kernel (inference only: no gradient;
-                float32 compute only, else the torch path runs).
+            fused: the Triton kernels (pooling with the per-head maps, then block RoPE, scores and
+                softmax); inference only (no gradient) and float32 compute only, else the torch path runs.
         Returns:
             `[B, HQ, R, NB]` over key blocks (R = NB for a whole prompt), zero probability (-inf
             log-probability) above each row's diagonal block. Rows of blocks that lie wholly in
             padding hold finite values to be ignored.
         """
         normalize = "softmax" if probabilities else "log_softmax"
-        gate_q, gate_k, diagonal = self.projected(query, key, seq_offsets)
-        if fused and gate_q.dtype == torch.float32 and not (torch.is_grad_enabled() and self.k_weight.requires_grad):
+        fused = fused and not (torch.is_grad_enabled() and self.k_weight.requires_grad)
+        gate_q, gate_k, diagonal = self.projected(query, key, seq_offsets, fused)
+        if fused and gate_q.dtype == torch.float32:
             return triton_gate_scores(gate_q, gate_k, diagonal, self.rope_inv_freq, self.block_size,
                                       self.rope_scaling, normalize)
         return naive_gate_scores(gate_q, gate_k, diagonal, self.rope_inv_freq, self.block_size, self.rope_scaling,

@@ -177,17 +177,21 @@ def test_fused_scoring_matches_the_torch_path(layout, probabilities, monkeypatch
     import seerattn_hf.gate as gate_module
 
     calls = []
-    kernel = gate_module.triton_gate_scores
-    monkeypatch.setattr(gate_module, "triton_gate_scores", lambda *args: calls.append(1) or kernel(*args))
+    for name in ("triton_gate_scores", "triton_gate_projection"):
+        kernel = getattr(gate_module, name)
+        monkeypatch.setattr(gate_module, name, lambda *args, _kernel=kernel, _name=name: calls.append(_name)
+                            or _kernel(*args))
     batch, query_length, key_length, heads, kv_heads, offsets = layout
-    config = SeerAttentionConfig(block_size=16, gate_hidden_size=32)
+    # The padded layout also maps pooled keys per query head.
+    config = SeerAttentionConfig(block_size=16, gate_hidden_size=32,
+                                 k_projection="query_head" if offsets == [0, 23] else "kv_head")
     gate = SeerGate(heads, kv_heads, 16, config, _inv_freq(32), rope_scaling=1.3)
     query, key = torch.randn(batch, query_length, heads, 16), torch.randn(batch, key_length, kv_heads, 16)
     offsets = None if offsets is None else torch.tensor(offsets)
     with torch.no_grad():
         fused = gate(query, key, offsets, probabilities, fused=True)
         expected = gate(query, key, offsets, probabilities)
-    assert len(calls) == 1
+    assert sorted(calls) == ["triton_gate_projection", "triton_gate_projection", "triton_gate_scores"]
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
 
 

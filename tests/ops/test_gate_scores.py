@@ -77,3 +77,42 @@ def test_triton_matches_naive_at_128k_on_the_gpu():
     out = triton_gate_scores(gate_q, gate_k, diagonal, inv_freq, bs, 1.0, "softmax")
     expected = naive_gate_scores(gate_q, gate_k, diagonal, inv_freq, bs, 1.0, "softmax")
     assert rel_rms(out, expected) < 1e-4
+
+
+# (B, H, HW, D, h, x length, key length, block size, kinds, left padding)
+PROJECTION_CASES = [
+    (1, 4, 4, 16, 32, 77, 77, 16, ["avg"], None),  # query side, partial last block
+    (2, 2, 2, 32, 16, 90, 90, 16, ["max", "min", "avg"], [0, 23]),  # key side, padding
+    (2, 2, 4, 16, 16, 37, 130, 16, ["max", "avg"], [5, 0]),  # chunk inside a block, keys repeated to HW
+    (1, 2, 2, 16, 32, 300, 300, 32, ["min"], None),  # more rows than one tile
+]
+
+
+def projection_id(case):
+    B, H, HW, D, h, TX, T, bs, kinds, pad = case
+    return f"B{B}-H{H}-HW{HW}-D{D}-h{h}-TX{TX}-T{T}-bs{bs}-{'+'.join(kinds)}" + ("-pad" if pad else "")
+
+
+@pytest.mark.parametrize("case", PROJECTION_CASES, ids=projection_id)
+def test_triton_projection_matches_naive(case, nan_empty):
+    from seerattn_hf.ops.gate_scores import naive_gate_projection, triton_gate_projection
+
+    B, H, HW, D, h, TX, T, bs, kinds, pad = case
+    dev = device()
+    x = torch.randn(B, TX, H * D, device=dev).view(B, TX, H, D)  # a projection's output, viewed per head
+    weight = torch.randn(HW, D * len(kinds), h, device=dev)
+    offsets = None if pad is None else torch.tensor(pad, device=dev)
+    out = triton_gate_projection(x, weight, kinds, bs, T, offsets)
+    expected = naive_gate_projection(x, weight, kinds, bs, T, offsets)
+    assert out.shape == expected.shape
+    assert rel_rms(out, expected) < 1e-5
+
+
+def test_triton_projection_rejects_bad_arguments():
+    from seerattn_hf.ops.gate_scores import triton_gate_projection
+
+    x, weight = torch.randn(1, 40, 2, 16, device=device()), torch.randn(2, 32, 16, device=device())
+    with pytest.raises(ValueError, match="weight"):
+        triton_gate_projection(x, weight, ["avg"], 16, 40, None)  # 2 kinds of rows for 1 kind
+    with pytest.raises(ValueError, match="float32"):
+        triton_gate_projection(x, weight, ["avg", "max"], 16, 40, None, dtype=torch.bfloat16)

@@ -1,9 +1,19 @@
-"""The gate's scoring (block RoPE, scores, softmax): torch reference and fused Triton kernel.
+"""The gate in two fused steps, each with its torch reference: pooling with the per-head maps
+(`gate_projection`), then block RoPE, scores and softmax (`gate_scores`).
 
-The Triton function imports its module on first call, so importing this package needs no Triton.
+The Triton functions import their module on first call, so importing this package needs no Triton.
 """
 
-from .naive import NORMALIZATIONS, block_rope, naive_gate_scores
+import torch
+
+from .naive import NORMALIZATIONS, block_rope, naive_gate_projection, naive_gate_scores
+
+
+def triton_gate_projection(x, weight, kinds, block_size, key_length, seq_offsets, dtype=torch.float32):
+    """Triton version of `naive_gate_projection` (float32 compute; same arguments, shapes and results)."""
+    from .triton import triton_gate_projection as fn
+
+    return fn(x, weight, kinds, block_size, key_length, seq_offsets, dtype=dtype)
 
 
 def triton_gate_scores(gate_q, gate_k, diagonal, inv_freq, block_size, rope_scaling=1.0, normalize="none"):
@@ -13,4 +23,5 @@ def triton_gate_scores(gate_q, gate_k, diagonal, inv_freq, block_size, rope_scal
     return fn(gate_q, gate_k, diagonal, inv_freq, block_size, rope_scaling=rope_scaling, normalize=normalize)
 
 
-__all__ = ["NORMALIZATIONS", "block_rope", "naive_gate_scores", "triton_gate_scores"]
+__all__ = ["NORMALIZATIONS", "block_rope", "naive_gate_projection", "naive_gate_scores", "triton_gate_projection",
+           "triton_gate_scores"]

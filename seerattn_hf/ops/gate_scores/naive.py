@@ -1,10 +1,11 @@
-"""Torch reference of the gate's scoring: block RoPE, block scores and their softmax (the spec of
-the Triton kernel, and the gate's own computation)."""
+"""Torch reference of the gate: block pooling with the per-head maps, then block RoPE, block scores
+and their softmax (the spec of the Triton kernels, and the gate's own computation)."""
 
 from __future__ import annotations
 
 import torch
 
+from ...blocks import pool_query_blocks
 from ...rope import rotate_half
 
 NORMALIZATIONS = ("none", "softmax", "log_softmax")
@@ -54,3 +55,24 @@ def naive_gate_scores(gate_q: torch.Tensor, gate_k: torch.Tensor, diagonal: torc
     if normalize == "log_softmax":
         return scores.float().log_softmax(dim=-1)
     return scores
+
+
+def naive_gate_projection(x: torch.Tensor, weight: torch.Tensor, kinds: list[str], block_size: int, key_length: int,
+                          seq_offsets: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The gate's queries or keys before block RoPE: `x` pooled per block, then mapped per head.
+
+    Args:
+        x: `[B, TX, H, D]` pre-RoPE states of the last TX of `key_length` positions (TX == key_length
+            for keys and whole prompts; rows as `blocks.pool_query_blocks` orders them).
+        weight: `[HW, D * len(kinds), h]`; HW == H, or a multiple of it (output head i reads input
+            head i // (HW // H): pooled keys repeated to the query heads).
+        kinds: pooling kinds in the order of weight's rows ("avg", "max", "min").
+        seq_offsets: `[B]` left padding or None. dtype: the compute dtype (pooling accumulates in
+            float32, the pooled states are rounded once to it).
+    Returns:
+        `[B, HW, R, h]` in `dtype`; rows past a sequence's end are zero.
+    """
+    pooled = pool_query_blocks(x, kinds, block_size, key_length, seq_offsets).to(dtype)
+    if weight.shape[0] != x.shape[2]:
+        pooled = pooled.repeat_interleave(weight.shape[0] // x.shape[2], dim=2)
+    return torch.einsum("bnhi,hio->bhno", pooled, weight.to(dtype))

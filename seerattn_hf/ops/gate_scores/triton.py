@@ -1,5 +1,11 @@
-"""Fused gate scoring: block RoPE of the gate's queries and keys, their scores, the causal mask and the
-softmax over key blocks in one kernel (the torch path takes about thirty launches for the same).
+"""The fused gate, two kernels per side of the scores:
+
+`gate_projection_fwd_kernel` pools BLOCK_R block rows of one head (each row's tokens read once per
+pooling kind) and maps them with the head's weights (one tl.dot per kind, the weights read once per
+tile of rows).
+
+`gate_scores_fwd_kernel`: block RoPE of the gate's queries and keys, their scores, the causal mask and
+the softmax over key blocks in one kernel (the torch path takes about thirty launches for the same).
 
 Each program owns BLOCK_M query-block rows of one query head. It rotates its rows once, then walks the
 key blocks up to its last diagonal twice: a first pass for the row maxima and sums (online softmax),
@@ -118,6 +124,114 @@ def triton_gate_scores(gate_q, gate_k, diagonal, inv_freq, block_size, rope_scal
         rows, blocks, block_size, float(rope_scaling), hidden ** -0.5,
         G=heads // key_heads, HALF=hidden // 2, BLOCK_M=block_m, BLOCK_N=block_n,
         NORMALIZE=NORMALIZATIONS.index(normalize),
+        num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _pool_rows(x_row0, stride_xt, t0_of_row, t1_of_row, KIND: tl.constexpr, BLOCK_R: tl.constexpr,
+               BS: tl.constexpr, D: tl.constexpr):
+    """`[BLOCK_R, D]` float32: each row's tokens [t0, t1) pooled by KIND (0 avg, 1 max, 2 min); empty rows 0."""
+    pooled = tl.zeros([BLOCK_R, D], tl.float32)
+    t = tl.arange(0, BS)
+    d = tl.arange(0, D)
+    r_ids = tl.arange(0, BLOCK_R)
+    for r in tl.static_range(BLOCK_R):
+        t0 = tl.sum(tl.where(r_ids == r, t0_of_row, 0), axis=0)
+        t1 = tl.sum(tl.where(r_ids == r, t1_of_row, 0), axis=0)
+        inside = (t0 + t) < t1
+        tile = tl.load(x_row0 + (t0 + t)[:, None] * stride_xt + d[None, :], mask=inside[:, None], other=0.0)
+        tile = tile.to(tl.float32)
+        if KIND == 0:
+            value = tl.sum(tile, axis=0) / tl.maximum(t1 - t0, 1).to(tl.float32)
+        elif KIND == 1:
+            value = tl.max(tl.where(inside[:, None], tile, float("-inf")), axis=0)
+        else:
+            value = tl.min(tl.where(inside[:, None], tile, float("inf")), axis=0)
+        value = tl.where(t1 > t0, value, 0.0)
+        pooled = tl.where((r_ids == r)[:, None], value[None, :], pooled)
+    return pooled
+
+
+@triton.jit
+def gate_projection_fwd_kernel(
+    x, weight, seq_offsets, out,
+    stride_xb, stride_xt, stride_xh,
+    stride_wh, stride_wi,
+    stride_ob, stride_oh, stride_or,
+    TX, T, R, block_size,
+    HEAD_DIV: tl.constexpr, D: tl.constexpr, HIDDEN: tl.constexpr, BS: tl.constexpr,
+    KIND0: tl.constexpr, KIND1: tl.constexpr, KIND2: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
+):
+    """x: [B, TX, H, D], the last TX of T positions; weight: [HW, D * kinds, HIDDEN] float32; out:
+    [B, HW, R, HIDDEN] float32. KIND1/KIND2 = -1 when absent. Grid (cdiv(R, BLOCK_R), HW, B)."""
+    i_r = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_b = tl.program_id(2).to(tl.int64)
+    off = 0
+    if HAS_OFFSETS:
+        off = tl.load(seq_offsets + i_b).to(tl.int32)
+    base = T - TX
+    first = tl.maximum(base - off, 0) // block_size
+    rows = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    block_start = off + (first + rows) * block_size
+    t0 = tl.maximum(block_start, tl.maximum(base, off)) - base  # x rows of each block row
+    t1 = tl.minimum(block_start + block_size, T) - base
+    t1 = tl.where(rows < R, t1, t0)
+    x_row0 = x + i_b * stride_xb + (i_h // HEAD_DIV) * stride_xh
+    d = tl.arange(0, D)
+    o = tl.arange(0, HIDDEN)
+    w_head = weight + i_h * stride_wh
+    acc = tl.zeros([BLOCK_R, HIDDEN], tl.float32)
+    pooled = _pool_rows(x_row0, stride_xt, t0, t1, KIND0, BLOCK_R, BS, D)
+    w = tl.load(w_head + d[:, None] * stride_wi + o[None, :])
+    acc += tl.dot(pooled, w, input_precision="ieee")
+    if KIND1 >= 0:
+        pooled = _pool_rows(x_row0, stride_xt, t0, t1, KIND1, BLOCK_R, BS, D)
+        w = tl.load(w_head + (D + d)[:, None] * stride_wi + o[None, :])
+        acc += tl.dot(pooled, w, input_precision="ieee")
+    if KIND2 >= 0:
+        pooled = _pool_rows(x_row0, stride_xt, t0, t1, KIND2, BLOCK_R, BS, D)
+        w = tl.load(w_head + (2 * D + d)[:, None] * stride_wi + o[None, :])
+        acc += tl.dot(pooled, w, input_precision="ieee")
+    tl.store(out + i_b * stride_ob + i_h * stride_oh + rows[:, None] * stride_or + o[None, :], acc,
+             mask=(rows < R)[:, None])
+
+
+POOLING_CODES = {"avg": 0, "max": 1, "min": 2}
+
+
+def triton_gate_projection(x, weight, kinds, block_size, key_length, seq_offsets, dtype=torch.float32):
+    """Fused `naive_gate_projection` (see there): pooling and the per-head map in one kernel, float32."""
+    from ...blocks import query_block_rows
+
+    if dtype != torch.float32 or weight.dtype != torch.float32:
+        raise ValueError(f"the fused gate projection computes in float32; found dtype {dtype}, weight {weight.dtype}")
+    batch, length, heads, dim = x.shape
+    out_heads, inputs, hidden = weight.shape
+    if (not 1 <= len(kinds) <= 3 or inputs != dim * len(kinds) or out_heads % heads or x.stride(-1) != 1
+            or dim & (dim - 1) or hidden & (hidden - 1) or dim < 16 or hidden < 16 or length > key_length):
+        raise ValueError(f"expected x [B, TX <= {key_length}, H, D] (last dim contiguous), weight "
+                         f"[HW (a multiple of H), D * {len(kinds)}, h], D and h powers of two >= 16; found x "
+                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if seq_offsets is not None and tuple(seq_offsets.shape) != (batch,):
+        raise ValueError(f"expected seq_offsets [B={batch}]; found {tuple(seq_offsets.shape)}")
+    rows = query_block_rows(length, key_length, block_size, seq_offsets)
+    out = torch.empty(batch, out_heads, rows, hidden, dtype=torch.float32, device=x.device)
+    codes = [POOLING_CODES[kind] for kind in kinds] + [-1] * (3 - len(kinds))
+    block_r = 16
+    grid = (triton.cdiv(rows, block_r), out_heads, batch)
+    gate_projection_fwd_kernel[grid](
+        x, weight.contiguous(), seq_offsets if seq_offsets is not None else out, out,
+        x.stride(0), x.stride(1), x.stride(2),
+        weight.stride(0), weight.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        length, key_length, rows, block_size,
+        HEAD_DIV=out_heads // heads, D=dim, HIDDEN=hidden, BS=block_size,
+        KIND0=codes[0], KIND1=codes[1], KIND2=codes[2], BLOCK_R=block_r,
+        HAS_OFFSETS=seq_offsets is not None,
         num_warps=4,
     )
     return out
