@@ -1,7 +1,7 @@
 """The fused gate, two kernels per side of the scores:
 
-`gate_projection_fwd_kernel` pools BLOCK_R block rows of one head (each row's tokens read once per
-pooling kind) and maps them with the head's weights (one tl.dot per kind, the weights read once per
+`gate_projection_fwd_kernel` pools BLOCK_R block rows of one head (each token read once, every
+pooling kind computed from it) and maps them with the head's weights (one tl.dot per kind, the weights read once per
 tile of rows).
 
 `gate_scores_fwd_kernel`: block RoPE of the gate's queries and keys, their scores, the causal mask and
@@ -130,10 +130,25 @@ def triton_gate_scores(gate_q, gate_k, diagonal, inv_freq, block_size, rope_scal
 
 
 @triton.jit
-def _pool_rows(x_row0, stride_xt, t0_of_row, t1_of_row, KIND: tl.constexpr, BLOCK_R: tl.constexpr,
-               BS: tl.constexpr, D: tl.constexpr):
-    """`[BLOCK_R, D]` float32: each row's tokens [t0, t1) pooled by KIND (0 avg, 1 max, 2 min); empty rows 0."""
-    pooled = tl.zeros([BLOCK_R, D], tl.float32)
+def _pooled(tile, inside, count, KIND: tl.constexpr):
+    """`[D]` float32: the rows of `tile: [BS, D]` marked `inside` pooled by KIND (0 avg, 1 max, 2 min)."""
+    if KIND == 0:
+        value = tl.sum(tile, axis=0) / tl.maximum(count, 1).to(tl.float32)
+    elif KIND == 1:
+        value = tl.max(tl.where(inside[:, None], tile, float("-inf")), axis=0)
+    else:
+        value = tl.min(tl.where(inside[:, None], tile, float("inf")), axis=0)
+    return tl.where(count > 0, value, 0.0)
+
+
+@triton.jit
+def _pool_rows(x_row0, stride_xt, t0_of_row, t1_of_row, KIND0: tl.constexpr, KIND1: tl.constexpr,
+               KIND2: tl.constexpr, BLOCK_R: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
+    """Three `[BLOCK_R, D]` float32 tiles: each row's tokens [t0, t1) pooled by each kind (a kind of
+    -1: zeros), every token read once; empty rows 0."""
+    pooled0 = tl.zeros([BLOCK_R, D], tl.float32)
+    pooled1 = tl.zeros([BLOCK_R, D], tl.float32)
+    pooled2 = tl.zeros([BLOCK_R, D], tl.float32)
     t = tl.arange(0, BS)
     d = tl.arange(0, D)
     r_ids = tl.arange(0, BLOCK_R)
@@ -143,15 +158,13 @@ def _pool_rows(x_row0, stride_xt, t0_of_row, t1_of_row, KIND: tl.constexpr, BLOC
         inside = (t0 + t) < t1
         tile = tl.load(x_row0 + (t0 + t)[:, None] * stride_xt + d[None, :], mask=inside[:, None], other=0.0)
         tile = tile.to(tl.float32)
-        if KIND == 0:
-            value = tl.sum(tile, axis=0) / tl.maximum(t1 - t0, 1).to(tl.float32)
-        elif KIND == 1:
-            value = tl.max(tl.where(inside[:, None], tile, float("-inf")), axis=0)
-        else:
-            value = tl.min(tl.where(inside[:, None], tile, float("inf")), axis=0)
-        value = tl.where(t1 > t0, value, 0.0)
-        pooled = tl.where((r_ids == r)[:, None], value[None, :], pooled)
-    return pooled
+        this_row = (r_ids == r)[:, None]
+        pooled0 = tl.where(this_row, _pooled(tile, inside, t1 - t0, KIND0)[None, :], pooled0)
+        if KIND1 >= 0:
+            pooled1 = tl.where(this_row, _pooled(tile, inside, t1 - t0, KIND1)[None, :], pooled1)
+        if KIND2 >= 0:
+            pooled2 = tl.where(this_row, _pooled(tile, inside, t1 - t0, KIND2)[None, :], pooled2)
+    return pooled0, pooled1, pooled2
 
 
 @triton.jit
@@ -185,17 +198,15 @@ def gate_projection_fwd_kernel(
     o = tl.arange(0, HIDDEN)
     w_head = weight + i_h * stride_wh
     acc = tl.zeros([BLOCK_R, HIDDEN], tl.float32)
-    pooled = _pool_rows(x_row0, stride_xt, t0, t1, KIND0, BLOCK_R, BS, D)
+    pooled0, pooled1, pooled2 = _pool_rows(x_row0, stride_xt, t0, t1, KIND0, KIND1, KIND2, BLOCK_R, BS, D)
     w = tl.load(w_head + d[:, None] * stride_wi + o[None, :])
-    acc += tl.dot(pooled, w, input_precision="ieee")
+    acc += tl.dot(pooled0, w, input_precision="ieee")
     if KIND1 >= 0:
-        pooled = _pool_rows(x_row0, stride_xt, t0, t1, KIND1, BLOCK_R, BS, D)
         w = tl.load(w_head + (D + d)[:, None] * stride_wi + o[None, :])
-        acc += tl.dot(pooled, w, input_precision="ieee")
+        acc += tl.dot(pooled1, w, input_precision="ieee")
     if KIND2 >= 0:
-        pooled = _pool_rows(x_row0, stride_xt, t0, t1, KIND2, BLOCK_R, BS, D)
         w = tl.load(w_head + (2 * D + d)[:, None] * stride_wi + o[None, :])
-        acc += tl.dot(pooled, w, input_precision="ieee")
+        acc += tl.dot(pooled2, w, input_precision="ieee")
     tl.store(out + i_b * stride_ob + i_h * stride_oh + rows[:, None] * stride_or + o[None, :], acc,
              mask=(rows < R)[:, None])
 
@@ -232,6 +243,6 @@ def triton_gate_projection(x, weight, kinds, block_size, key_length, seq_offsets
         HEAD_DIV=out_heads // heads, D=dim, HIDDEN=hidden, BS=block_size,
         KIND0=codes[0], KIND1=codes[1], KIND2=codes[2], BLOCK_R=block_r,
         HAS_OFFSETS=seq_offsets is not None,
-        num_warps=4,
+        num_warps=8 if dim * hidden >= 128 * 128 else 4,  # the weight tile is the largest operand
     )
     return out
