@@ -63,6 +63,11 @@ def main():
             scores = gate(query, key, fused=True)
             fused_error = (scores.exp() - gate(query, key).exp()).abs().max().item()
         block_idx, block_count = select_block_lists(policy, scores)
+        fused_idx, fused_count = select_block_lists(policy, scores, fused=True)
+        width = block_idx.shape[-1]
+        same_lists = bool(torch.equal(fused_count, block_count) and torch.equal(
+            torch.where(torch.arange(width, device=device) < block_count[..., None], fused_idx[..., :width], 0),
+            torch.where(torch.arange(width, device=device) < block_count[..., None], block_idx, 0)))
 
         def dense():
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
@@ -72,7 +77,8 @@ def main():
             "dense_attention_ms": median_ms(dense, args),
             "gate_torch_ms": median_ms(lambda: gate(query, key), args),
             "gate_fused_ms": median_ms(lambda: gate(query, key, fused=True), args),
-            "selection_ms": median_ms(lambda: select_block_lists(policy, scores), args),
+            "selection_torch_ms": median_ms(lambda: select_block_lists(policy, scores), args),
+            "selection_fused_ms": median_ms(lambda: select_block_lists(policy, scores, fused=True), args),
             "sparse_attention_ms": median_ms(
                 lambda: triton_block_sparse_attention(q, k, v, block_idx, block_count, args.block_size), args),
         }
@@ -80,23 +86,27 @@ def main():
         record = {"seqlen": length, "density": args.density, **{name: round(ms, 4) for name, ms in times.items()},
                   "gate_torch_share": times["gate_torch_ms"] / dense_ms,
                   "gate_fused_share": times["gate_fused_ms"] / dense_ms,
-                  "gate_fused_and_selection_share": (times["gate_fused_ms"] + times["selection_ms"]) / dense_ms,
-                  "fused_max_probability_error": fused_error}
+                  "gate_torch_and_selection_share": (times["gate_torch_ms"] + times["selection_torch_ms"]) / dense_ms,
+                  "gate_fused_and_selection_share": (times["gate_fused_ms"] + times["selection_fused_ms"]) / dense_ms,
+                  "fused_max_probability_error": fused_error, "fused_lists_equal": same_lists}
         records.append(record)
         print(json.dumps(record), flush=True)
-        del query, key, value, q, k, v, scores, block_idx, block_count
+        del query, key, value, q, k, v, scores, block_idx, block_count, fused_idx, fused_count
         torch.cuda.empty_cache()
 
     atomic_write_text(args.output, json.dumps({"device": torch.cuda.get_device_name(), "heads": args.heads,
                                                "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                                                "block_size": args.block_size, "records": records}, indent=2) + "\n")
-    print("\n| tokens | dense attention ms | gate (torch) ms | gate (fused) ms | selection ms | sparse attention ms "
-          "| gate torch / dense | gate fused / dense | fused gate + selection / dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| tokens | dense attention ms | gate torch / fused ms | selection torch / fused ms | sparse attention ms "
+          "| gate torch / dense | gate fused / dense | torch gate + selection / dense | fused gate + selection / dense "
+          "| fused lists equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['seqlen']} | {r['dense_attention_ms']:.3f} | {r['gate_torch_ms']:.3f} | {r['gate_fused_ms']:.3f} "
-              f"| {r['selection_ms']:.3f} | {r['sparse_attention_ms']:.3f} | {100 * r['gate_torch_share']:.1f}% "
-              f"| {100 * r['gate_fused_share']:.1f}% | {100 * r['gate_fused_and_selection_share']:.1f}% |")
+        print(f"| {r['seqlen']} | {r['dense_attention_ms']:.3f} | {r['gate_torch_ms']:.3f} / {r['gate_fused_ms']:.3f} "
+              f"| {r['selection_torch_ms']:.3f} / {r['selection_fused_ms']:.3f} | {r['sparse_attention_ms']:.3f} "
+              f"| {100 * r['gate_torch_share']:.1f}% | {100 * r['gate_fused_share']:.1f}% "
+              f"| {100 * r['gate_torch_and_selection_share']:.1f}% | {100 * r['gate_fused_and_selection_share']:.1f}% "
+              f"| {r['fused_lists_equal']} |")
 
 
 if __name__ == "__main__":

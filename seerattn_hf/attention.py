@@ -246,7 +246,8 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
 
     if policy.mask_sharing == "kv_group":
         scores = share_across_kv_group(scores, key.shape[1])
-    block_idx, block_count = select_block_lists(policy, scores, row_valid, diagonal)
+    block_idx, block_count = select_block_lists(policy, scores, row_valid, diagonal,
+                                                fused=resolve_backend(policy.backend, query.device) == "triton")
     kept, causal = kept_block_counts(block_count, row_valid, diagonal)
     # Counted per query head whatever the mask sharing, so the statistics outlive a policy change.
     groups = query.shape[1] // kept.shape[0]

@@ -154,16 +154,22 @@ def _keep_best_block_of_empty_rows(keep: torch.Tensor, scores: torch.Tensor, cau
 
 
 def select_block_lists(policy: SparsityPolicy, scores: torch.Tensor, row_valid: torch.Tensor | None = None,
-                       diagonal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       diagonal: torch.Tensor | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`select_blocks` followed by `mask_to_block_lists`, the same lists, computed more cheaply
     where possible: per-row top-k yields the kept indices directly, with no `[B, H, NB, NB]` mask
     to build and pack (at 128k tokens that mask has 134M entries per layer). Dense last rows hold
-    every block, so they take the mask path (their lists would be as large as the mask)."""
+    every block, so they take the mask path (their lists would be as large as the mask). `fused`: the
+    ranking methods' lists come from one Triton kernel (the same lists; CUDA or Triton's interpreter)."""
     if policy.sparsity_method not in RANKING_METHODS or policy.dense_last_query_blocks:
         return mask_to_block_lists(select_blocks(policy, scores, row_valid, diagonal))
     blocks = scores.shape[-1]
     device = scores.device
     diagonal = row_diagonals(diagonal, blocks, device)
+    if fused:
+        from .ops.gate_scores import triton_topk_block_lists
+
+        return triton_topk_block_lists(scores, diagonal, row_valid, _row_budgets(policy, diagonal, row_valid),
+                                       policy.keep_first_blocks, policy.keep_recent_blocks, policy.keep_diagonal)
     top, within_budget = _top_blocks(policy, scores, causal_rows(diagonal, blocks),
                                      forced_blocks(policy, blocks, device, diagonal), diagonal, row_valid)
     block_idx = torch.where(within_budget, top, blocks).sort(dim=-1).values

@@ -145,3 +145,20 @@ def test_generate_continues_a_prompt_from_a_cache():
     assert torch.equal(generated, expected)
     paths = sa.get_sparsity_stats(model)["paths"]
     assert paths["sparse_continued"] == model.config.num_hidden_layers and "sparse" not in paths
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_triton_chunks_match_the_torch_path_gpu(density):
+    """The fused gate, fused selection and Triton kernel against the torch path, chunks included."""
+    model = tiny_model("qwen3", num_heads=8, num_kv_heads=2, head_dim=32).cuda()
+    input_ids = torch.randint(0, 96, (2, 700), device="cuda")
+    with torch.no_grad():
+        reference = model(input_ids=input_ids).logits
+    sa.apply_seer_attention(model, _density(density, backend="torch"))
+    torch_path = _chunked_logits(model, input_ids, [300, 250, 150])
+    sa.update_sparsity_config(model, backend="triton")
+    triton_path = _chunked_logits(model, input_ids, [300, 250, 150])
+    torch.testing.assert_close(triton_path, torch_path, rtol=1e-4, atol=1e-4)
+    if density == 1.0:
+        torch.testing.assert_close(triton_path, reference, rtol=1e-4, atol=1e-4)

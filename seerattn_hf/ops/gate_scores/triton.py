@@ -246,3 +246,92 @@ def triton_gate_projection(x, weight, kinds, block_size, key_length, seq_offsets
         num_warps=8 if dim * hidden >= 128 * 128 else 4,  # the weight tile is the largest operand
     )
     return out
+
+
+@triton.jit
+def _sortable(x):
+    """float32 -> int32 keys in the same order (-inf lowest, +inf highest)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def topk_block_lists_kernel(
+    scores, diagonal, row_valid, budget, block_idx, block_count,
+    stride_sb, stride_sh, stride_sr,
+    stride_db, stride_vb, stride_bb,
+    stride_ib, stride_ih, stride_ir,
+    stride_cb, stride_ch,
+    NB, K, keep_first, keep_recent,
+    KEEP_DIAGONAL: tl.constexpr, NBP: tl.constexpr,
+):
+    """One row of `[B, HM, R, NB]` scores -> its `budget` best causal blocks (forced blocks first, kept
+    beyond the budget), ascending in `block_idx[b, h, r, :K]` (padded with the last), `block_count`.
+    Rows of padding keep their diagonal. Grid (R, HM, B)."""
+    i_r = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_b = tl.program_id(2).to(tl.int64)
+    diag = tl.load(diagonal + i_b * stride_db + i_r)
+    valid = tl.load(row_valid + i_b * stride_vb + i_r) != 0
+    cols = tl.arange(0, NBP)
+    causal = (cols <= diag) & (cols < NB)
+    row = tl.load(scores + i_b * stride_sb + i_h * stride_sh + i_r * stride_sr + cols, mask=causal,
+                  other=float("-inf")).to(tl.float32)
+    forced = (cols < keep_first) | ((cols < diag) & (cols >= diag - keep_recent))
+    if KEEP_DIAGONAL:
+        forced = forced | (cols == diag)
+    forced = forced & causal
+    row = tl.where(forced, float("inf"), row)
+    k = tl.maximum(tl.load(budget + i_b * stride_bb + i_r), tl.sum(forced.to(tl.int32), axis=0))
+    # The k-th largest key by bisection over the int32 keys; ties at it are taken by position.
+    keys = _sortable(row)
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((keys.to(tl.int64) >= mid).to(tl.int32), axis=0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = keys.to(tl.int64) > lo
+    ties = (keys.to(tl.int64) == lo) & causal
+    needed = k - tl.sum(above.to(tl.int32), axis=0)
+    keep = (above & causal) | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= needed))
+    keep = tl.where(valid, keep, cols == diag)
+    count = tl.sum(keep.to(tl.int32), axis=0)
+    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    idx_row = block_idx + i_b * stride_ib + i_h * stride_ih + i_r * stride_ir
+    tl.store(idx_row + slot, cols, mask=keep)
+    last = tl.max(tl.where(keep, cols, -1), axis=0)
+    tl.store(idx_row + cols, tl.zeros([NBP], tl.int32) + last, mask=(cols >= count) & (cols < K))
+    tl.store(block_count + i_b * stride_cb + i_h * stride_ch + i_r, count)
+
+
+def triton_topk_block_lists(scores, diagonal, row_valid, budget, keep_first, keep_recent, keep_diagonal):
+    """The ranking methods' lists of `selectors.select_block_lists` (its spec) in one kernel.
+
+    scores: `[B, HM, R, NB]` (any float dtype); diagonal, row_valid, budget: `[B or 1, R]` (budget:
+    blocks each row keeps before forced ones). Returns block_idx `[B, HM, R, K]` int32 and block_count
+    `[B, HM, R]` int32, K the largest count.
+    """
+    batch, heads, rows, blocks = scores.shape
+    scores = scores if scores.stride(-1) == 1 else scores.contiguous()
+    device = scores.device
+    diagonal = diagonal.to(device=device, dtype=torch.int32).expand(batch, rows).contiguous()
+    row_valid = (torch.ones(batch, rows, dtype=torch.int8, device=device) if row_valid is None
+                 else row_valid.to(device=device, dtype=torch.int8).expand(batch, rows).contiguous())
+    budget = budget.to(device=device, dtype=torch.int32).expand(batch, rows).contiguous()
+    # Forced blocks come on top of the budget: at most keep_first + keep_recent + 1 of them.
+    width = max(min(int(budget.max()) + keep_first + keep_recent + 1, blocks), 1)
+    block_idx = torch.empty(batch, heads, rows, width, dtype=torch.int32, device=device)
+    block_count = torch.empty(batch, heads, rows, dtype=torch.int32, device=device)
+    topk_block_lists_kernel[(rows, heads, batch)](
+        scores, diagonal, row_valid, budget, block_idx, block_count,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        diagonal.stride(0), row_valid.stride(0), budget.stride(0),
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
+        block_count.stride(0), block_count.stride(1),
+        blocks, width, keep_first, keep_recent,
+        KEEP_DIAGONAL=keep_diagonal, NBP=max(triton.next_power_of_2(blocks), 16),
+        num_warps=4 if blocks <= 1024 else 8,
+    )
+    return block_idx, block_count
