@@ -264,7 +264,10 @@ def prefill_path(state: SeerLayerState, query: torch.Tensor, key: torch.Tensor, 
     device's crossover, continued prefill with a selector other than the gate or over a cache with
     room for later tokens, e.g. a StaticCache)."""
     query_length, key_length = query.shape[2], key.shape[2]
-    if state.mode == "dense":
+    continued = query_length < key_length
+    # Decoding steps leave first: nothing below runs at every generated token.
+    if state.mode == "dense" or (continued and (query_length == 1 or state.mode != "sparse"
+                                                or state.policy.selector != "gate")):
         return "dense"
     min_length = state.policy.min_sparse_length
     if min_length == "auto" and state.mode == "sparse":
@@ -272,10 +275,8 @@ def prefill_path(state: SeerLayerState, query: torch.Tensor, key: torch.Tensor, 
                                             key.shape[1], query.shape[3], query.dtype)
     if min_length != "auto" and key_length < min_length:
         return "dense"
-    if query_length == key_length:
+    if not continued:
         return state.mode
-    if state.mode != "sparse" or query_length == 1 or state.policy.selector != "gate":
-        return "dense"
     return "sparse_continued" if _keys_end_at_the_query(attention_mask) else "dense"
 
 
