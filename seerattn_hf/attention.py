@@ -211,7 +211,8 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
         # and what continued prefill cannot take run the model's own attention.
         if state is not None:
             state.take_captured()
-            state.count_path("dense" if query_length > 1 else "decode")
+            if query_length > 1:  # prefill calls only: decoding steps stay free of bookkeeping
+                state.count_path("dense")
         return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
                                            dropout=dropout, **kwargs)
     state.count_path(path)

@@ -308,7 +308,7 @@ def get_sparsity_stats(model: nn.Module) -> dict:
     "decode_density": KV blocks read / blocks up to each generated token (per KV head, over the
     sparsely decoding layers and steps), "decode_kept_blocks": int, "decode_blocks": int,
     "paths": {path: layer calls}, the path each gated layer's attention took ("sparse", "dense",
-    "sparse_continued", "distill", "decode"; see `attention.prefill_path`)}.
+    "sparse_continued", "distill"; prefill calls only, see `attention.prefill_path`)}.
     """
     per_layer, kept_total, causal_total, paths = [], 0, 0, {}
     for attention in require_patched(model):
