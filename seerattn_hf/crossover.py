@@ -121,9 +121,21 @@ def _cuda_cost_model(device_name: str, device_index: int, block_size: int, num_h
         return DEFAULT_COST_MODELS[key]
     warnings.warn(f"min_sparse_length='auto': measuring the dense/sparse crossover of {key} (a few seconds, "
                   f"once; cached in {path})", stacklevel=2)
-    model = measure_cost_model(torch.device("cuda", device_index), block_size, num_heads, num_kv_heads,
-                               head_dim, dtype)
-    _write_cache(path, key, model)
+    return _measured(key, torch.device("cuda", device_index), block_size, num_heads, num_kv_heads, head_dim, dtype)
+
+
+def _measured(key: str, device: torch.device, *shape) -> CostModel:
+    model = measure_cost_model(device, *shape)
+    _write_cache(cache_path(), key, model)
+    return model
+
+
+def measure_and_cache(device: torch.device, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype) -> CostModel:
+    """Measure the cost model of a CUDA device and cache it (it then takes precedence over the table)."""
+    key = cost_model_key(torch.cuda.get_device_name(device), block_size, num_heads, num_kv_heads, head_dim, dtype)
+    model = _measured(key, device, block_size, num_heads, num_kv_heads, head_dim, dtype)
+    _cuda_cost_model.cache_clear()
     return model
 
 
@@ -194,3 +206,31 @@ def _median_seconds(function, device: torch.device, repeats: int) -> float:
         torch.cuda.synchronize(device)
         times.append(start.elapsed_time(end) / 1000.0)
     return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m seerattn_hf.crossover`: measure this GPU's cost model, cache it and print its crossovers."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv_heads", type=int, default=8)
+    parser.add_argument("--head_dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    key = cost_model_key(torch.cuda.get_device_name(device), args.block_size, args.heads, args.kv_heads,
+                         args.head_dim, dtype)
+    model = measure_and_cache(device, args.block_size, args.heads, args.kv_heads, args.head_dim, dtype)
+    table = DEFAULT_COST_MODELS.get(key)
+    print(json.dumps({"key": key, "cache": str(cache_path()), "measured": asdict(model),
+                      "table": None if table is None else asdict(table),
+                      "crossover_tokens": {f"{d:g}": {"measured": model.crossover(d),
+                                                      "table": None if table is None else table.crossover(d)}
+                                           for d in (0.1, 0.3, 0.5)}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -115,3 +115,11 @@ def test_auto_takes_the_sparse_path_from_the_crossover_on(monkeypatch):
             model(input_ids=torch.randint(0, 96, (1, length)))
         assert sa.get_sparsity_stats(model)["paths"] == {path: layers}
     assert seen[0] == (0.5, 16, 4, 2, 16, torch.float32)
+
+
+def test_a_new_measurement_replaces_the_cached_one(fake_measurement, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    crossover._cuda_cost_model("Fake GPU", 0, 64, 32, 8, 128, torch.bfloat16)
+    monkeypatch.setattr(crossover, "measure_cost_model", lambda *args: CostModel(7e-4, 1.0, 1e-11))
+    assert crossover.measure_and_cache(torch.device("cuda"), 64, 32, 8, 128, torch.bfloat16).fixed_s == 7e-4
+    assert crossover._cuda_cost_model("Fake GPU", 0, 64, 32, 8, 128, torch.bfloat16).fixed_s == 7e-4
