@@ -182,7 +182,7 @@ def measure_cost_model(device: torch.device, block_size: int, num_heads: int, nu
         def sparse():
             with torch.no_grad():
                 scores = gate(q.transpose(1, 2), k.transpose(1, 2), fused=True)
-            block_idx, block_count = select_block_lists(policy, scores)
+            block_idx, block_count = select_block_lists(policy, scores, fused=True)
             block_sparse_attention(q, k, v, block_idx, block_count, block_size, scale, None, "triton")
 
         dense_s.append(_median_seconds(dense, device, repeats))
