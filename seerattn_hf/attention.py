@@ -12,7 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 import torch
 
-from .blocks import num_blocks, valid_block_rows
+from .blocks import num_blocks, query_block_diagonals, valid_block_rows
+from .crossover import auto_min_sparse_length
 from .decode_attention import sparse_decode_step
 from .gate import SeerGate
 from .ops.block_sparse_attn import (
@@ -24,6 +25,7 @@ from .ops.block_sparse_attn import (
 from .ops.block_sparse_attn.fa4 import compute_capability, fa4_dense_attention, fa4_unsupported_reason, require_fa4
 from .ops.pooled_attn import naive_pooled_attention, triton_pooled_attention
 from .policy import RANKING_METHODS, SparsityPolicy
+from .rope import apply_rope
 from .selectors import (
     kept_block_counts,
     pooled_score_probs,
@@ -65,8 +67,9 @@ class SeerLayerState:
     causal_blocks: torch.Tensor | None = None
     distill_record: DistillRecord | None = None
     hooks: list = field(default_factory=list)
-    # "sparse:<backend>" / "dense:<backend>" -> forwards of this layer that ran it (the backend report)
-    backend_calls: Counter = field(default_factory=Counter)
+    # (path, backend) -> prompt calls of this layer that took them: the report of
+    # `get_sparsity_stats` ("paths", "backends"); decoding steps are not counted.
+    calls: Counter = field(default_factory=Counter)
 
     @property
     def needs_gate_inputs(self) -> bool:
@@ -77,6 +80,9 @@ class SeerLayerState:
         query, key = self.captured_query, self.captured_key
         self.captured_query = self.captured_key = None
         return query, key
+
+    def count_call(self, path: str, backend: str) -> None:
+        self.calls[path, backend] += 1
 
     def add_counts(self, kept: torch.Tensor, causal: torch.Tensor) -> None:
         """Add per-query-head counts (`[HQ]` tensors), kept on the device: reading them would
@@ -104,6 +110,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend={backend!r} needs CUDA tensors, found tensors on {device}; "
                          "use backend='torch' or 'auto' on this device")
     return "triton" if backend == "fa4" else backend
+
+
+def fused_gate(policy: SparsityPolicy, device: torch.device) -> bool:
+    """Whether the gate and the selection run as fused Triton kernels: on CUDA under every backend
+    but the torch reference (the block-sparse kernel's backend is chosen separately)."""
+    return device.type == "cuda" and policy.backend != "torch"
 
 
 def sparse_backend(backend: str, query: torch.Tensor, key: torch.Tensor, block_idx: torch.Tensor,
@@ -219,7 +231,8 @@ def _selection_scores(state: SeerLayerState, gate: SeerGate, query, key, value, 
         # top-k ranks (a bf16 softmax would tie the blocks whose probabilities round alike or underflow).
         with torch.no_grad():
             return gate(captured_query, captured_key, seq_offsets,
-                        probabilities=policy.sparsity_method not in RANKING_METHODS)
+                        probabilities=policy.sparsity_method not in RANKING_METHODS,
+                        fused=fused_gate(policy, query.device))
     if policy.selector == "oracle":
         return pooled_attention(query, key, value, state.block_size, scale, seq_offsets, policy.backend)[1]
     if policy.selector == "pooled_score":
@@ -248,18 +261,18 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
             state.take_captured()
             return decoded.to(value.dtype), None
     query_length, key_length = query.shape[2], key.shape[2]
-    prefill = query_length == key_length
-    if state is None or state.mode == "dense" or not prefill or query_length < state.policy.min_sparse_length:
-        # Layers left without a gate (GateConfig.layers), dense mode, decoding steps and
-        # prompts continued from a cache run dense: the model's own attention, or FA4 where
-        # `dense_backend` picks it.
+    path = "dense" if state is None else prefill_path(state, query, key, attention_mask)
+    if path == "dense":
+        # Layers left without a gate (GateConfig.layers), dense mode, decoding steps, short prompts
+        # and what continued prefill cannot take run dense: the model's own attention, or FA4
+        # where `dense_backend` picks it.
         if state is None:
             return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)
         state.take_captured()
         backend = dense_backend(state.policy.backend, query, key, value, attention_mask, dropout, kwargs)
-        if query_length > 1:  # passes over a prompt are reported; decoding steps are not
-            state.backend_calls[f"dense:{backend}"] += 1
+        if query_length > 1:  # prompt calls only: decoding steps stay free of bookkeeping
+            state.count_call("dense", backend)
         if backend == "fa4":
             return fa4_dense_attention(*same_dtype(query, key, value), scale=scaling), None
         return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
@@ -270,28 +283,88 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     query, key, value = same_dtype(query, key, value)
     batch = query.shape[0]
     seq_offsets = left_padding_offsets(attention_mask, batch, key_length)
-    row_valid = valid_block_rows(query_length, block_size, seq_offsets, batch, query.device)
     gate: SeerGate = module.seer_gate
 
-    if state.mode == "distill":
+    if path == "sparse_continued":
+        diagonal, row_valid = query_block_diagonals(query_length, key_length, block_size, seq_offsets, batch,
+                                                    query.device)
         captured_query, captured_key = _gate_inputs_or_fail(state)
         with torch.no_grad():
-            output, target = pooled_attention(query, key, value, block_size, scale, seq_offsets,
-                                              policy.backend)
-        gate_log_probs = gate(captured_query, captured_key, seq_offsets)
-        state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
-        return output, None
+            scores = gate(captured_query, _pre_rope_keys(module, key, captured_key, seq_offsets), seq_offsets,
+                          probabilities=policy.sparsity_method not in RANKING_METHODS,
+                          fused=fused_gate(policy, query.device))
+    else:
+        diagonal = None
+        row_valid = valid_block_rows(query_length, block_size, seq_offsets, batch, query.device)
+        if state.mode == "distill":
+            captured_query, captured_key = _gate_inputs_or_fail(state)
+            with torch.no_grad():
+                output, target = pooled_attention(query, key, value, block_size, scale, seq_offsets,
+                                                  policy.backend)
+            gate_log_probs = gate(captured_query, captured_key, seq_offsets)
+            state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
+            state.count_call("distill", resolve_backend(policy.backend, query.device))
+            return output, None
+        scores = _selection_scores(state, gate, query, key, value, scale, seq_offsets)
 
-    scores = _selection_scores(state, gate, query, key, value, scale, seq_offsets)
     if policy.mask_sharing == "kv_group":
         scores = share_across_kv_group(scores, key.shape[1])
-    block_idx, block_count = select_block_lists(policy, scores, row_valid)
-    kept, causal = kept_block_counts(block_count, row_valid)
+    block_idx, block_count = select_block_lists(policy, scores, row_valid, diagonal,
+                                                fused=fused_gate(policy, query.device))
+    kept, causal = kept_block_counts(block_count, row_valid, diagonal)
     # Counted per query head whatever the mask sharing, so the statistics outlive a policy change.
     groups = query.shape[1] // kept.shape[0]
     state.add_counts(kept.repeat_interleave(groups), causal.repeat_interleave(groups))
-    chosen = sparse_backend(policy.backend, query, key, block_idx, block_size, seq_offsets)
-    state.backend_calls[f"sparse:{chosen}"] += 1
+    state.count_call(path, sparse_backend(policy.backend, query, key, block_idx, block_size, seq_offsets))
     output = block_sparse_attention(query, key, value, block_idx, block_count, block_size, scale,
                                     seq_offsets, policy.backend)
     return output, None
+
+
+def prefill_path(state: SeerLayerState, query: torch.Tensor, key: torch.Tensor, attention_mask) -> str:
+    """How a call (query `[B, HQ, TQ, D]`, key `[B, HKV, T, D]`) computes attention: "sparse" (a whole
+    prompt), "distill", "sparse_continued" (a chunk of new tokens on top of a cache) or "dense"
+    (decoding steps, dense mode, prompts shorter than `min_sparse_length` or, with "auto", than the
+    device's crossover, continued prefill with a selector other than the gate or over a cache with
+    room for later tokens, e.g. a StaticCache)."""
+    query_length, key_length = query.shape[2], key.shape[2]
+    continued = query_length < key_length
+    # Decoding steps leave first: nothing below runs at every generated token.
+    if state.mode == "dense" or (continued and (query_length == 1 or state.mode != "sparse"
+                                                or state.policy.selector != "gate")):
+        return "dense"
+    min_length = state.policy.min_sparse_length
+    if min_length == "auto" and state.mode == "sparse":
+        min_length = auto_min_sparse_length(state.policy, query.device, state.block_size, query.shape[1],
+                                            key.shape[1], query.shape[3], query.dtype)
+    if min_length != "auto" and key_length < min_length:
+        return "dense"
+    if not continued:
+        return state.mode
+    return "sparse_continued" if _keys_end_at_the_query(attention_mask) else "dense"
+
+
+def _keys_end_at_the_query(attention_mask) -> bool:
+    """Whether the last key is the last query's own token (a cache allocated ahead, such as a
+    StaticCache, hands the attention its empty slots too, masked)."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return True
+    last = attention_mask[:, 0, -1, -1]
+    return bool((last if last.dtype == torch.bool else last == 0).all())
+
+
+def _pre_rope_keys(module, key: torch.Tensor, captured_key: torch.Tensor,
+                   seq_offsets: torch.Tensor | None) -> torch.Tensor:
+    """`[B, T, HKV, D]` pre-RoPE keys of all T positions: the cached ones recovered from the cache's
+    post-RoPE keys `key: [B, HKV, T, D]` by undoing the model's rotation exactly (at each sequence's
+    positions, counted from its first real token as transformers counts them), the new ones as
+    captured (`[B, TQ, HKV, D]`). Recomputed at each chunk rather than kept: one elementwise pass
+    over the cached keys, with nothing to keep in step with the cache (crops, beam reordering,
+    caches built elsewhere)."""
+    cached = key.shape[2] - captured_key.shape[1]
+    positions = torch.arange(cached, device=key.device)[None, None]
+    if seq_offsets is not None:
+        positions = positions - seq_offsets.to(key.device)[:, None, None]
+    inv_freq, scaling = module.seer_decode_state.rope_on(key.device)
+    recovered = apply_rope(key[:, :, :cached], positions, inv_freq, scaling, inverse=True)
+    return torch.cat((recovered.to(captured_key.dtype).transpose(1, 2), captured_key), dim=1)

@@ -7,13 +7,9 @@ import math
 import torch
 from torch import nn
 
-from .blocks import pool_blocks_padded
+from .blocks import pool_query_blocks, query_block_diagonals
 from .gate_config import GateConfig
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+from .ops.gate_scores import naive_gate_projection, naive_gate_scores, triton_gate_projection, triton_gate_scores
 
 
 def gate_weight_shapes(config: GateConfig, num_heads: int, num_kv_heads: int,
@@ -71,62 +67,60 @@ class SeerGate(nn.Module):
             bound = 1.0 / math.sqrt(weight.shape[1])
             nn.init.uniform_(weight, -bound, bound)
 
-    def _block_rope(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate `x: [B, H, NB, h]` to each block's first token, in x's dtype (cos and sin are
-        computed in float32 and rounded to it, as transformers' rotary embeddings do)."""
-        positions = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32) * self.block_size
-        freqs = positions[:, None] * self.rope_inv_freq.to(x.device)[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos = (angles.cos() * self.rope_scaling).to(x.dtype)
-        sin = (angles.sin() * self.rope_scaling).to(x.dtype)
-        return x * cos + rotate_half(x) * sin
+    def projected(self, query: torch.Tensor, key: torch.Tensor, seq_offsets: torch.Tensor | None = None,
+                  fused: bool = False):
+        """The gate's queries `[B, HQ, R, h]` and keys `[B, HK, NB, h]` before block RoPE, in the
+        compute dtype, and each query row's diagonal key block `[B, R]` (arguments as for `forward`)."""
+        batch, query_length, key_length = query.shape[0], query.shape[1], key.shape[1]
+        if (query.shape[2:] != (self.num_heads, self.head_dim) or key.shape[2:] != (self.num_kv_heads, self.head_dim)
+                or key.shape[0] != batch or query_length > key_length):
+            raise ValueError(
+                f"gate expects query [B, TQ, {self.num_heads}, {self.head_dim}] and key "
+                f"[B, T >= TQ, {self.num_kv_heads}, {self.head_dim}], found {tuple(query.shape)} and {tuple(key.shape)}")
+        dtype = query.dtype if self.compute_dtype == "model" else torch.float32
+        diagonal, _ = query_block_diagonals(query_length, key_length, self.block_size, seq_offsets, batch,
+                                            query.device)
+        project = triton_gate_projection if fused and dtype == torch.float32 else naive_gate_projection
+        if self.q_weight is None:
+            gate_q = pool_query_blocks(query, self.q_pooling, self.block_size, key_length, seq_offsets)
+            gate_q = gate_q.to(dtype).transpose(1, 2)
+        else:
+            gate_q = project(query, self.q_weight, self.q_pooling, self.block_size, key_length, seq_offsets, dtype)
+        # With k_projection="query_head" the map has a weight per query head, each reading its KV head.
+        gate_k = project(key, self.k_weight, self.k_pooling, self.block_size, key_length, seq_offsets, dtype)
+        return gate_q, gate_k, diagonal
 
     def block_scores(self, query: torch.Tensor, key: torch.Tensor,
                      seq_offsets: torch.Tensor | None = None) -> torch.Tensor:
-        """`[B, HQ, NB, NB]` gate scores `q . k * h ** -0.5` in the compute dtype, -inf above the
-        block diagonal (arguments as for `forward`)."""
-        batch = query.shape[0]
-        if query.shape[2:] != (self.num_heads, self.head_dim) or key.shape[2:] != (self.num_kv_heads, self.head_dim):
-            raise ValueError(
-                f"gate expects query [B, T, {self.num_heads}, {self.head_dim}] and key "
-                f"[B, T, {self.num_kv_heads}, {self.head_dim}], found {tuple(query.shape)} and {tuple(key.shape)}")
-        dtype = query.dtype if self.compute_dtype == "model" else torch.float32
-        # Pooling accumulates in float32; the pooled states are then rounded once to the compute dtype.
-        pooled_q = pool_blocks_padded(query, self.q_pooling, self.block_size, seq_offsets).to(dtype)
-        pooled_k = pool_blocks_padded(key, self.k_pooling, self.block_size, seq_offsets).to(dtype)
-        if self.k_projection == "query_head":
-            # Query head i reads KV head i // G: repeated before the per-query-head map.
-            pooled_k = pooled_k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
-        if self.q_weight is None:
-            gate_q = pooled_q.transpose(1, 2)
-        else:
-            gate_q = torch.einsum("bnhi,hio->bhno", pooled_q, self.q_weight.to(dtype))
-        gate_q = self._block_rope(gate_q)
-        gate_k = self._block_rope(torch.einsum("bnhi,hio->bhno", pooled_k, self.k_weight.to(dtype)))
-        key_heads, blocks, hidden = gate_k.shape[1], gate_k.shape[2], gate_k.shape[3]
-        # Each gate key head serves a group of query heads (a group of one with "query_head").
-        gate_q = gate_q.reshape(batch, key_heads, self.num_heads // key_heads, blocks, hidden)
-        scores = (gate_q @ gate_k.unsqueeze(2).transpose(-1, -2)) * hidden ** -0.5
-        scores = scores.view(batch, self.num_heads, blocks, blocks)
-        above_diagonal = torch.ones(blocks, blocks, dtype=torch.bool, device=scores.device).triu(1)
-        return scores.masked_fill(above_diagonal, float("-inf"))
+        """`[B, HQ, R, NB]` gate scores `q . k * h ** -0.5` in the compute dtype, -inf above each
+        row's diagonal block (arguments as for `forward`)."""
+        return naive_gate_scores(*self.projected(query, key, seq_offsets), self.rope_inv_freq, self.block_size,
+                                 self.rope_scaling)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, seq_offsets: torch.Tensor | None = None,
-                probabilities: bool = False) -> torch.Tensor:
+                probabilities: bool = False, fused: bool = False) -> torch.Tensor:
         """Block attention log-probabilities, or probabilities.
 
         Args:
-            query: `[B, T, HQ, D]` pre-RoPE query states.
+            query: `[B, TQ, HQ, D]` pre-RoPE query states of the last TQ <= T positions (TQ < T: a
+                chunk continued from a cache, its rows as `blocks.query_block_diagonals` orders them).
             key: `[B, T, HKV, D]` pre-RoPE key states.
             seq_offsets: `[B]` left-padding lengths, or None.
             probabilities: return the softmax in the compute dtype (what sparse prefill selects
                 from; the published gates threshold their bf16 softmax) instead of float32
                 log-probabilities (what distillation trains).
+            fused: the Triton kernels (pooling with the per-head maps, then block RoPE, scores and
+                softmax); inference only (no gradient) and float32 compute only, else the torch path runs.
         Returns:
-            `[B, HQ, NB, NB]` over key blocks, zero probability (-inf log-probability) above the
-            block diagonal. Rows of blocks that lie wholly in padding hold finite values to be ignored.
+            `[B, HQ, R, NB]` over key blocks (R = NB for a whole prompt), zero probability (-inf
+            log-probability) above each row's diagonal block. Rows of blocks that lie wholly in
+            padding hold finite values to be ignored.
         """
-        scores = self.block_scores(query, key, seq_offsets)
-        if probabilities:
-            return scores.softmax(dim=-1)
-        return scores.float().log_softmax(dim=-1)
+        normalize = "softmax" if probabilities else "log_softmax"
+        fused = fused and not (torch.is_grad_enabled() and self.k_weight.requires_grad)
+        gate_q, gate_k, diagonal = self.projected(query, key, seq_offsets, fused)
+        if fused and gate_q.dtype == torch.float32:
+            return triton_gate_scores(gate_q, gate_k, diagonal, self.rope_inv_freq, self.block_size,
+                                      self.rope_scaling, normalize)
+        return naive_gate_scores(gate_q, gate_k, diagonal, self.rope_inv_freq, self.block_size, self.rope_scaling,
+                                 normalize)

@@ -309,15 +309,19 @@ def get_sparsity_stats(model: nn.Module) -> dict:
     "per_layer": [{"layer": i, "density": d}, ...], "kept_blocks": int, "causal_blocks": int,
     "decode_density": KV blocks read / blocks up to each generated token (per KV head, over the
     sparsely decoding layers and steps), "decode_kept_blocks": int, "decode_blocks": int,
-    "backends": {"sparse:<backend>" or "dense:<backend>": layer forwards that ran it} (the kernels the
-    policy's backend chose for prompt passes: "fa4", "triton", "torch", "flex", or "model" for the
-    model's own attention; decoding steps are not counted)}.
+    "paths": {path: layer calls}, the path each gated layer's attention took on prompts ("sparse",
+    "dense", "sparse_continued", "distill"; see `attention.prefill_path`), and "backends":
+    {"<path>:<backend>": layer calls}, the kernels the policy's backend chose for them ("fa4",
+    "triton", "torch", "flex", or "model" for the model's own attention); decoding steps are not
+    counted}.
     """
     per_layer, kept_total, causal_total = [], 0, 0
-    backends = Counter()
+    paths, backends = Counter(), Counter()
     for attention in require_patched(model):
         state = attention.seer_state
-        backends.update(state.backend_calls)
+        for (path, backend), calls in state.calls.items():
+            paths[path] += calls
+            backends[f"{path}:{backend}"] += calls
         if state.kept_blocks is None:
             continue
         kept, causal = int(state.kept_blocks.sum()), int(state.causal_blocks.sum())
@@ -333,11 +337,11 @@ def get_sparsity_stats(model: nn.Module) -> dict:
     return {"density": density, "per_layer": per_layer, "kept_blocks": kept_total, "causal_blocks": causal_total,
             "decode_density": decode_kept / decode_total if decode_total else None,
             "decode_kept_blocks": decode_kept, "decode_blocks": decode_total,
-            "backends": dict(sorted(backends.items()))}
+            "paths": dict(sorted(paths.items())), "backends": dict(sorted(backends.items()))}
 
 
 def reset_sparsity_stats(model: nn.Module) -> None:
     for attention in require_patched(model):
         attention.seer_state.kept_blocks = attention.seer_state.causal_blocks = None
-        attention.seer_state.backend_calls.clear()
+        attention.seer_state.calls.clear()
         attention.seer_decode_state.reset_counts()

@@ -49,7 +49,9 @@ class SparsityPolicy:
         and docs/kernels.md), "triton", "torch", "flex" or "fa4" (FlashAttention-4 for the
         block-sparse prefill and the unmasked dense passes; an error where it cannot run). The
         backends that ran are counted in `get_sparsity_stats(model)["backends"]`.
-    min_sparse_length: prompts shorter than this run dense attention.
+    min_sparse_length: prompts shorter than this (key positions, the cache included) run dense
+        attention; "auto": only prompts long enough for sparse prefill to be faster on this device,
+        at the policy's expected density (`crossover`; dense on the CPU).
 
     Decoding (each generated token reads only some KV blocks; see `decode_selection`):
     decode_selector: None (decode densely), "gate" (trained decode gates), "oracle" (the true
@@ -74,7 +76,7 @@ class SparsityPolicy:
     dense_last_query_blocks: int = 0
     mask_sharing: str = "head"
     backend: str = "auto"
-    min_sparse_length: int = 0
+    min_sparse_length: int | str = 0
     decode_selector: str | None = None
     decode_sparsity_method: str = "token_budget"
     decode_token_budget: int = 2048
@@ -95,9 +97,11 @@ class SparsityPolicy:
               "a number in (0, 1]", self.coverage)
         check(is_number(self.nz_ratio) and 0.0 < self.nz_ratio <= 1.0, owner, "nz_ratio",
               "a number in (0, 1]", self.nz_ratio)
-        for name in ("keep_first_blocks", "keep_recent_blocks", "dense_last_query_blocks", "min_sparse_length"):
+        for name in ("keep_first_blocks", "keep_recent_blocks", "dense_last_query_blocks"):
             value = getattr(self, name)
             check(is_integer(value) and value >= 0, owner, name, "an integer >= 0", value)
+        check(self.min_sparse_length == "auto" or (is_integer(self.min_sparse_length) and self.min_sparse_length >= 0),
+              owner, "min_sparse_length", "an integer >= 0 or 'auto'", self.min_sparse_length)
         check(isinstance(self.keep_diagonal, bool), owner, "keep_diagonal", "a bool", self.keep_diagonal)
         check(self.mask_sharing in MASK_SHARINGS, owner, "mask_sharing", f"one of {list(MASK_SHARINGS)}",
               self.mask_sharing)

@@ -5,6 +5,10 @@ blocks (the ranking methods need only their order, so the gate gives them log-pr
 `select_blocks` turns them into a boolean block mask by threshold, density (per-row top-k), coverage
 or nz_ratio (the published gates' fixed top-k), then adds the blocks that are always kept.
 `mask_to_block_lists` packs the mask into the compact per-row lists the kernels walk.
+
+Scores of a query chunk continued from a cache are `[B, H, R, NB]`: R query-block rows against all NB
+key blocks, row i of sequence b on its diagonal block `diagonal[b, i]` (`blocks.query_block_diagonals`).
+Without `diagonal` the rows are the NB blocks of a whole prompt.
 """
 
 from __future__ import annotations
@@ -42,34 +46,48 @@ def streaming_scores(batch: int, heads: int, blocks: int, device: torch.device) 
     return scores.expand(batch, heads, blocks, blocks)
 
 
-def forced_blocks(policy: SparsityPolicy, blocks: int, device: torch.device) -> torch.Tensor:
-    """`[NB, NB]` blocks kept whatever the scores: the diagonal (with `keep_diagonal`), the first
-    `keep_first_blocks` blocks and `keep_recent_blocks` blocks before the diagonal."""
-    rows = torch.arange(blocks, device=device)[:, None]
-    columns = torch.arange(blocks, device=device)[None, :]
+def row_diagonals(diagonal: torch.Tensor | None, blocks: int, device: torch.device) -> torch.Tensor:
+    """`[B or 1, R]`: each row's diagonal key block (a whole prompt's rows when `diagonal` is None)."""
+    return torch.arange(blocks, device=device)[None] if diagonal is None else diagonal.to(device)
+
+
+def causal_rows(diagonal: torch.Tensor, blocks: int) -> torch.Tensor:
+    """`[B or 1, 1, R, NB]` bool: the key blocks at or before each row's diagonal."""
+    return torch.arange(blocks, device=diagonal.device) <= diagonal[:, None, :, None]
+
+
+def forced_blocks(policy: SparsityPolicy, blocks: int, device: torch.device,
+                  diagonal: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B or 1, 1, R, NB]` blocks kept whatever the scores: the diagonal (with `keep_diagonal`), the
+    first `keep_first_blocks` blocks and `keep_recent_blocks` blocks before the diagonal."""
+    rows = row_diagonals(diagonal, blocks, device)[:, None, :, None]
+    columns = torch.arange(blocks, device=device)
     forced = (columns < policy.keep_first_blocks) | ((columns < rows) & (columns >= rows - policy.keep_recent_blocks))
     if policy.keep_diagonal:
         forced = forced | (columns == rows)
     return forced & (columns <= rows)
 
 
-def select_blocks(policy: SparsityPolicy, scores: torch.Tensor,
-                  row_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Turn block scores `[B, H, NB, NB]` into a boolean block mask of the same shape.
+def select_blocks(policy: SparsityPolicy, scores: torch.Tensor, row_valid: torch.Tensor | None = None,
+                  diagonal: torch.Tensor | None = None) -> torch.Tensor:
+    """Turn block scores `[B, H, R, NB]` into a boolean block mask of the same shape.
 
-    Only causal blocks are ever kept. `row_valid` (`[B, NB]`) marks query blocks holding real
-    tokens; other rows keep just their diagonal block. Scores may be in any float dtype: a
-    threshold is compared in the scores' dtype (as the published gates compare their bf16 softmax).
+    Only causal blocks are ever kept. `row_valid` (`[B, R]`) marks query blocks holding real
+    tokens; other rows keep just their diagonal block. `diagonal` (`[B or 1, R]`): each row's
+    diagonal key block, for a query chunk (None: R == NB, a whole prompt). Scores may be in any float
+    dtype: a threshold is compared in the scores' dtype (as the published gates compare their bf16
+    softmax).
     """
-    batch, heads, blocks, _ = scores.shape
+    blocks = scores.shape[-1]
     device = scores.device
-    causal = causal_block_mask(blocks, device)
-    forced = forced_blocks(policy, blocks, device)
+    diagonal = row_diagonals(diagonal, blocks, device)
+    causal = causal_rows(diagonal, blocks)
+    forced = forced_blocks(policy, blocks, device, diagonal)
     method = policy.sparsity_method
     if method == "threshold":
         keep = scores > policy.threshold
     elif method in RANKING_METHODS:
-        top, within_budget = _top_blocks(policy, scores, causal, forced, row_valid)
+        top, within_budget = _top_blocks(policy, scores, causal, forced, diagonal, row_valid)
         keep = torch.zeros_like(causal).expand_as(scores).clone()
         keep.scatter_(-1, top, within_budget.expand_as(top))
     else:
@@ -85,43 +103,46 @@ def select_blocks(policy: SparsityPolicy, scores: torch.Tensor,
     if policy.dense_last_query_blocks:
         keep = _dense_last_rows(keep, causal, policy.dense_last_query_blocks, row_valid)
     if row_valid is not None:
-        diagonal_only = torch.eye(blocks, dtype=torch.bool, device=device)
+        diagonal_only = torch.arange(blocks, device=device) == diagonal[:, None, :, None]
         keep = torch.where(row_valid[:, None, :, None], keep, diagonal_only)
     return keep
 
 
-def _row_budgets(policy: SparsityPolicy, blocks: int, row_valid: torch.Tensor | None,
-                 device: torch.device) -> torch.Tensor:
-    """`[B or 1, NB]`: how many blocks each row keeps under a ranking method (before forced blocks).
+def _row_budgets(policy: SparsityPolicy, diagonal: torch.Tensor, row_valid: torch.Tensor | None) -> torch.Tensor:
+    """`[B or 1, R]`: how many blocks each row keeps under a ranking method (before forced blocks).
 
-    density: `ceil(density * (i + 1))` for row i. nz_ratio: the same k for every row of a sequence,
-    `int((1 - sqrt(1 - nz_ratio)) * NB)` and at least 1, with NB the sequence's own block count (so a
-    left-padded batch selects as each sequence alone), capped by the row's length.
+    density: `ceil(density * (i + 1))` for the row on diagonal block i. nz_ratio: the same k for
+    every row of a sequence, `int((1 - sqrt(1 - nz_ratio)) * NB)` and at least 1, with NB the
+    sequence's own block count so far (so a left-padded batch selects as each sequence alone),
+    capped by the row's length.
     """
-    row_lengths = torch.arange(1, blocks + 1, device=device, dtype=torch.float64)
+    row_lengths = (diagonal + 1).double()
     if policy.sparsity_method == "density":
-        return torch.ceil(policy.density * row_lengths).long()[None]
-    sequence_blocks = (torch.full((1,), blocks, device=device) if row_valid is None
-                       else row_valid.sum(dim=-1))
+        return torch.ceil(policy.density * row_lengths).long()
+    # A sequence's blocks end at its last real row's diagonal.
+    last_diagonal = (diagonal.expand_as(row_valid) if row_valid is not None else diagonal)
+    if row_valid is not None:
+        last_diagonal = torch.where(row_valid, last_diagonal, -1)
+    sequence_blocks = last_diagonal.amax(dim=-1) + 1
     # Computed as the published code does, in double precision: int((1 - math.sqrt(1 - nz)) * NB).
     share = 1.0 - math.sqrt(1.0 - policy.nz_ratio)
     per_sequence = torch.floor(share * sequence_blocks.double()).long().clamp(min=1)
-    return torch.minimum(per_sequence[:, None], row_lengths.long()[None])
+    return torch.minimum(per_sequence[:, None], row_lengths.long())
 
 
 def _top_blocks(policy: SparsityPolicy, scores: torch.Tensor, causal: torch.Tensor, forced: torch.Tensor,
-                row_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                diagonal: torch.Tensor, row_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row top-k of the ranking methods: the indices of each row's best causal blocks, forced
-    blocks first, as `top: [B, H, NB, K]` (K the largest budget) and `within_budget: [B or 1, 1, NB, K]`.
+    blocks first, as `top: [B, H, R, K]` (K the largest budget) and `within_budget: [B or 1, 1, R, K]`.
 
     topk up to the largest budget costs far less than sorting whole rows at long context.
     """
     ranked = scores.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
     # Forced blocks are kept even past the budget.
-    budget = torch.maximum(_row_budgets(policy, scores.shape[-1], row_valid, scores.device), forced.sum(dim=-1))
+    budget = torch.maximum(_row_budgets(policy, diagonal, row_valid)[:, None], forced.sum(dim=-1))
     top = ranked.topk(int(budget.max()), dim=-1, sorted=True).indices
     within_budget = torch.arange(top.shape[-1], device=scores.device) < budget[..., None]
-    return top, within_budget[:, None]
+    return top, within_budget
 
 
 def _keep_best_block_of_empty_rows(keep: torch.Tensor, scores: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
@@ -132,46 +153,54 @@ def _keep_best_block_of_empty_rows(keep: torch.Tensor, scores: torch.Tensor, cau
     return keep | (empty & (torch.arange(keep.shape[-1], device=keep.device) == best))
 
 
-def select_block_lists(policy: SparsityPolicy, scores: torch.Tensor,
-                       row_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def select_block_lists(policy: SparsityPolicy, scores: torch.Tensor, row_valid: torch.Tensor | None = None,
+                       diagonal: torch.Tensor | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`select_blocks` followed by `mask_to_block_lists`, the same lists, computed more cheaply
     where possible: per-row top-k yields the kept indices directly, with no `[B, H, NB, NB]` mask
     to build and pack (at 128k tokens that mask has 134M entries per layer). Dense last rows hold
-    every block, so they take the mask path (their lists would be as large as the mask)."""
+    every block, so they take the mask path (their lists would be as large as the mask). `fused`: the
+    ranking methods' lists come from one Triton kernel (the same lists; CUDA or Triton's interpreter)."""
     if policy.sparsity_method not in RANKING_METHODS or policy.dense_last_query_blocks:
-        return mask_to_block_lists(select_blocks(policy, scores, row_valid))
+        return mask_to_block_lists(select_blocks(policy, scores, row_valid, diagonal))
     blocks = scores.shape[-1]
     device = scores.device
-    causal = causal_block_mask(blocks, device)
-    top, within_budget = _top_blocks(policy, scores, causal, forced_blocks(policy, blocks, device), row_valid)
+    diagonal = row_diagonals(diagonal, blocks, device)
+    if fused:
+        from .ops.gate_scores import triton_topk_block_lists
+
+        return triton_topk_block_lists(scores, diagonal, row_valid, _row_budgets(policy, diagonal, row_valid),
+                                       policy.keep_first_blocks, policy.keep_recent_blocks, policy.keep_diagonal)
+    top, within_budget = _top_blocks(policy, scores, causal_rows(diagonal, blocks),
+                                     forced_blocks(policy, blocks, device, diagonal), diagonal, row_valid)
     block_idx = torch.where(within_budget, top, blocks).sort(dim=-1).values
     block_count = within_budget.sum(dim=-1, dtype=torch.int32).expand(top.shape[:-1])
     if row_valid is not None:
         # Rows of padding keep just their diagonal block.
-        diagonal = torch.arange(blocks, device=device)[:, None].expand(blocks, top.shape[-1])
         padding = ~row_valid[:, None, :, None]
-        block_idx = torch.where(padding, diagonal, block_idx)
+        block_idx = torch.where(padding, diagonal[:, None, :, None], block_idx)
         block_count = torch.where(padding[..., 0], 1, block_count)
     last = block_idx.gather(-1, (block_count.long() - 1).unsqueeze(-1))
     block_idx = torch.where(block_idx == blocks, last, block_idx)
     return block_idx.to(torch.int32).contiguous(), block_count.to(torch.int32).contiguous()
 
 
-def kept_block_counts(block_count: torch.Tensor, row_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_block_counts(block_count: torch.Tensor, row_valid: torch.Tensor | None,
+                      diagonal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept and causal block counts of the real rows, per head (two `[H]` tensors), from the lists'
-    `block_count: [B, H, NB]` (lists hold causal blocks only)."""
+    `block_count: [B, H, R]` (lists hold causal blocks only; `diagonal` as for `select_blocks`)."""
     batch, heads, blocks = block_count.shape
     rows = (torch.ones(batch, blocks, dtype=torch.bool, device=block_count.device) if row_valid is None
             else row_valid)
     kept = (block_count * rows[:, None, :]).sum(dim=(0, 2))
-    total = (rows * torch.arange(1, blocks + 1, device=block_count.device)).sum().expand(heads)
+    row_lengths = row_diagonals(diagonal, blocks, block_count.device) + 1
+    total = (rows * row_lengths).sum().expand(heads)
     return kept, total
 
 
 def _dense_last_rows(keep: torch.Tensor, causal: torch.Tensor, count: int,
                      row_valid: torch.Tensor | None) -> torch.Tensor:
     """Keep every causal block of each sequence's last `count` real query-block rows."""
-    blocks = keep.shape[-1]
+    blocks = keep.shape[-2]
     real_rows = (torch.full((keep.shape[0],), blocks, device=keep.device) if row_valid is None
                  else row_valid.sum(dim=-1))  # [B]
     rows = torch.arange(blocks, device=keep.device)[None, :]
@@ -215,8 +244,8 @@ def block_density_counts(mask: torch.Tensor, row_valid: torch.Tensor | None) -> 
 def share_across_kv_group(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """One score map per KV head for `mask_sharing="kv_group"`: the max over the group's query heads
     (a block any head needs is kept for the whole group; the max of log-probabilities ranks alike)."""
-    batch, heads, blocks, _ = probs.shape
-    return probs.view(batch, num_kv_heads, heads // num_kv_heads, blocks, blocks).amax(dim=2)
+    batch, heads, rows, blocks = probs.shape
+    return probs.view(batch, num_kv_heads, heads // num_kv_heads, rows, blocks).amax(dim=2)
 
 
 __all__ = [

@@ -121,7 +121,95 @@ def test_gate_is_invariant_to_left_padding():
 
 def test_gate_rejects_wrong_shapes():
     gate = SeerGate(4, 2, 8, SeerAttentionConfig(gate_hidden_size=8), _inv_freq(8))
-    with pytest.raises(ValueError, match=r"gate expects query \[B, T, 4, 8\]"):
+    with pytest.raises(ValueError, match=r"gate expects query \[B, TQ, 4, 8\]"):
         gate(torch.randn(1, 10, 2, 8), torch.randn(1, 10, 2, 8))
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         SeerGate(3, 2, 8, SeerAttentionConfig(gate_hidden_size=8), _inv_freq(8))
+
+
+@pytest.mark.parametrize("chunk", [48, 37, 5], ids=["block-aligned", "inside-a-block", "inside-one-block"])
+def test_a_query_chunk_scores_the_rows_of_the_whole_prompt(chunk):
+    """A chunk of the last queries against all keys: the rows of its blocks whose queries all lie in
+    the chunk score as the whole prompt scores them; a first block partly cached pools the chunk's
+    queries of that block."""
+    config = SeerAttentionConfig(block_size=16, gate_hidden_size=8)
+    gate = SeerGate(4, 2, 4, config, _inv_freq(8))
+    length = 90
+    query, key = torch.randn(2, length, 4, 4), torch.randn(2, length, 2, 4)
+    whole = gate(query, key)
+    scores = gate(query[:, -chunk:], key)
+    start = length - chunk
+    first_row = start // 16
+    assert scores.shape == (2, 4, 6 - first_row, 6)
+    partial = start % 16 != 0
+    torch.testing.assert_close(scores[:, :, int(partial):], whole[:, :, first_row + int(partial):])
+    if partial:
+        # The partial block's query is the chunk's part of it: as a prompt whose block holds only those.
+        block_end = min((first_row + 1) * 16, length)
+        shifted = query.clone()
+        shifted[:, first_row * 16: block_end] = query[:, start: block_end].mean(1, keepdim=True)
+        expected = gate(shifted, key)[:, :, first_row]
+        torch.testing.assert_close(scores[:, :, 0], expected)
+
+
+def test_a_query_chunk_is_invariant_to_left_padding():
+    config = SeerAttentionConfig(block_size=16, gate_hidden_size=8)
+    gate = SeerGate(2, 1, 4, config, _inv_freq(8))
+    query, key = torch.randn(1, 60, 2, 4), torch.randn(1, 60, 1, 4)
+    pad, chunk = 21, 27
+    padded_q = torch.cat([torch.randn(1, pad, 2, 4), query], 1)
+    padded_k = torch.cat([torch.randn(1, pad, 1, 4), key], 1)
+    # Two sequences: the padded one and the unpadded one, whose chunk starts at another residue.
+    batch_q = torch.cat([padded_q, torch.cat([query, torch.randn(1, pad, 2, 4)], 1)])
+    batch_k = torch.cat([padded_k, torch.cat([key, torch.randn(1, pad, 1, 4)], 1)])
+    scores = gate(batch_q[:, -chunk:], batch_k, torch.tensor([pad, 0]))
+    alone = gate(query[:, -chunk:], key)
+    torch.testing.assert_close(scores[:1, :, : alone.shape[2], : alone.shape[3]], alone)
+
+
+@pytest.mark.parametrize("layout", [
+    (1, 77, 77, 4, 1, None),  # a whole prompt, partial last block, GQA 4:1
+    (2, 90, 90, 4, 2, [0, 23]),  # left padding
+    (2, 37, 130, 4, 2, [5, 0]),  # a chunk continued from a cache, starting inside a block
+], ids=["prompt-GQA", "padding", "chunk-padding"])
+@pytest.mark.parametrize("probabilities", [False, True], ids=["log_probs", "probs"])
+def test_fused_scoring_matches_the_torch_path(layout, probabilities, monkeypatch):
+    import seerattn_hf.gate as gate_module
+
+    calls = []
+    for name in ("triton_gate_scores", "triton_gate_projection"):
+        kernel = getattr(gate_module, name)
+        monkeypatch.setattr(gate_module, name, lambda *args, _kernel=kernel, _name=name: calls.append(_name)
+                            or _kernel(*args))
+    batch, query_length, key_length, heads, kv_heads, offsets = layout
+    # The padded layout also maps pooled keys per query head.
+    config = SeerAttentionConfig(block_size=16, gate_hidden_size=32,
+                                 k_projection="query_head" if offsets == [0, 23] else "kv_head")
+    gate = SeerGate(heads, kv_heads, 16, config, _inv_freq(32), rope_scaling=1.3)
+    query, key = torch.randn(batch, query_length, heads, 16), torch.randn(batch, key_length, kv_heads, 16)
+    offsets = None if offsets is None else torch.tensor(offsets)
+    with torch.no_grad():
+        fused = gate(query, key, offsets, probabilities, fused=True)
+        expected = gate(query, key, offsets, probabilities)
+    assert sorted(calls) == ["triton_gate_projection", "triton_gate_projection", "triton_gate_scores"]
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_path_leaves_training_to_torch():
+    gate = SeerGate(2, 1, 16, SeerAttentionConfig(block_size=16, gate_hidden_size=32), _inv_freq(32))
+    log_probs = gate(torch.randn(1, 40, 2, 16), torch.randn(1, 40, 1, 16), fused=True)
+    assert log_probs.requires_grad  # autograd through the torch path
+    log_probs.masked_fill(log_probs.isinf(), 0).sum().backward()
+    assert gate.k_weight.grad is not None
+
+
+@pytest.mark.gpu
+def test_fused_scoring_matches_the_torch_path_bf16_gpu():
+    config = SeerAttentionConfig()
+    gate = SeerGate(32, 8, 128, config, _inv_freq(128)).cuda()
+    query = torch.randn(1, 8192 + 17, 32, 128, device="cuda", dtype=torch.bfloat16)
+    key = torch.randn(1, 8192 + 17, 8, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fused = gate(query, key, probabilities=True, fused=True)
+        expected = gate(query, key, probabilities=True)
+    assert (fused - expected).abs().max() < 1e-5

@@ -180,3 +180,70 @@ def test_select_block_lists_equals_the_packed_mask(config):
             assert torch.equal(block_idx[b, h, i, :n], expected_idx[b, h, i, :n])
         assert torch.equal(kept_block_counts(block_count, valid)[0], block_density_counts(mask, valid)[0])
         assert torch.equal(kept_block_counts(block_count, valid)[1], block_density_counts(mask, valid)[1])
+
+
+@pytest.mark.parametrize("config", [
+    SeerAttentionConfig(sparsity_method="density", density=0.3, keep_first_blocks=1, keep_recent_blocks=2),
+    SeerAttentionConfig(sparsity_method="density", density=0.5, dense_last_query_blocks=1),
+    SeerAttentionConfig(sparsity_method="threshold", threshold=0.05),
+    SeerAttentionConfig(sparsity_method="threshold", threshold=0.1, keep_diagonal=False),
+    SeerAttentionConfig(sparsity_method="coverage", coverage=0.7),
+    SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.3, keep_diagonal=False),
+    SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.2, dense_last_query_blocks=2),
+], ids=lambda c: f"{c.sparsity_method}-{c.keep_diagonal}-{c.dense_last_query_blocks}")
+def test_a_query_chunk_selects_the_rows_of_the_whole_prompt(config):
+    """The last rows of a prompt, selected as a chunk continued from a cache (each sequence's rows on
+    their own diagonals, sequence 1 shorter: left padding), keep what the whole prompt keeps there."""
+    probs = _random_probs(3, 2, 17)
+    row_valid = torch.ones(3, 17, dtype=torch.bool)
+    row_valid[1, 9:] = False
+    diagonal = torch.tensor([[14, 15, 16], [6, 7, 8], [14, 15, 16]])
+    rows = diagonal[:, None, :, None]
+    chunk_probs = probs.gather(2, rows.expand(-1, 2, -1, 17))
+    whole_idx, whole_count = select_block_lists(config, probs, row_valid)
+    idx, count = select_block_lists(config, chunk_probs, torch.ones(3, 3, dtype=torch.bool), diagonal)
+    assert torch.equal(count, whole_count.gather(2, diagonal[:, None].expand(-1, 2, -1)))
+    expected = whole_idx.gather(2, rows.expand(-1, 2, -1, whole_idx.shape[-1]))
+    for b, h, i in itertools.product(range(3), range(2), range(3)):
+        n = int(count[b, h, i])
+        assert torch.equal(idx[b, h, i, :n], expected[b, h, i, :n])
+    kept, causal = kept_block_counts(count, None, diagonal)
+    assert int(causal[0]) == int((diagonal + 1).sum()) and torch.equal(kept, count.sum(dim=(0, 2)))
+
+
+@pytest.mark.parametrize("config", [
+    SeerAttentionConfig(sparsity_method="density", density=0.3, keep_first_blocks=1, keep_recent_blocks=2),
+    SeerAttentionConfig(sparsity_method="density", density=1.0),
+    SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.3, keep_diagonal=False),
+], ids=lambda c: f"{c.sparsity_method}-{c.density}-{c.nz_ratio}-{c.keep_first_blocks}-{c.keep_diagonal}")
+@pytest.mark.parametrize("layout", ["prompt", "padding", "chunk"])
+def test_the_fused_ranking_selection_equals_the_torch_one(config, layout):
+    blocks = 19  # not a power of two
+    probs = _random_probs(2, 2, blocks).log()
+    row_valid, diagonal = None, None
+    if layout == "padding":
+        row_valid = torch.ones(2, blocks, dtype=torch.bool)
+        row_valid[1, 11:] = False
+    elif layout == "chunk":
+        diagonal = torch.tensor([[15, 16, 17, 18], [6, 7, 8, 9]])
+        probs = probs.gather(2, diagonal[:, None, :, None].expand(-1, 2, -1, blocks))
+        row_valid = torch.tensor([[True] * 4, [True, True, True, False]])
+    expected_idx, expected_count = select_block_lists(config, probs, row_valid, diagonal)
+    idx, count = select_block_lists(config, probs, row_valid, diagonal, fused=True)
+    assert torch.equal(count, expected_count)
+    for b, h, i in itertools.product(*(range(n) for n in count.shape)):
+        n = int(count[b, h, i])
+        assert torch.equal(idx[b, h, i, :n], expected_idx[b, h, i, :n])
+        assert (idx[b, h, i, n:] == idx[b, h, i, n - 1]).all()
+
+
+@pytest.mark.gpu
+def test_the_fused_ranking_selection_equals_the_torch_one_at_128k_gpu():
+    scores = torch.randn(1, 8, 2048, 2048, device="cuda").masked_fill(~_causal(2048).cuda(), float("-inf"))
+    config = SeerAttentionConfig(sparsity_method="density", density=0.1, keep_first_blocks=1)
+    expected_idx, expected_count = select_block_lists(config, scores)
+    idx, count = select_block_lists(config, scores, fused=True)
+    width = expected_idx.shape[-1]
+    kept = torch.arange(width, device="cuda") < expected_count[..., None]
+    assert torch.equal(count, expected_count)
+    assert torch.equal(torch.where(kept, idx[..., :width], 0), torch.where(kept, expected_idx, 0))

@@ -58,6 +58,20 @@ def _add_sparsity_arguments(parser: argparse.ArgumentParser, methods: list[str],
     group.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flex", "fa4"],
                        help="attention kernels (auto: chosen per configuration, FlashAttention-4 where "
                             "installed and faster, else triton on CUDA; torch on CPU)")
+    group.add_argument("--min_sparse_length", type=_min_sparse_length, default=0,
+                       help="prompts shorter than this run dense; 'auto': sparse only where faster on this device")
+
+
+def _min_sparse_length(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', found {text!r}")
+    return value
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -90,7 +104,7 @@ def _settings(args, allow_untrained_gate: bool = False):
 def _sparsity_fields(args) -> dict:
     return {"block_size": args.block_size, "keep_first_blocks": args.keep_first_blocks,
             "keep_recent_blocks": args.keep_recent_blocks, "mask_sharing": args.mask_sharing,
-            "backend": args.backend}
+            "backend": args.backend, "min_sparse_length": args.min_sparse_length}
 
 
 def _run_header(args, model) -> dict:
@@ -266,6 +280,9 @@ def prefill_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--warmup", type=int, default=1, help="untimed prefills before the timed ones")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills per point (the median is reported)")
+    parser.add_argument("--chunk_sizes", nargs="*", type=int, default=[],
+                        help="also time each setting with the prompt fed in chunks of these many tokens through "
+                             "one cache (chunked prefill: every chunk after the first is a continued prefill)")
     _add_sparsity_arguments(parser, ["dense", "gate"], [0.5, 0.3, 0.1])
     parser.add_argument("--output", required=True, help="output folder")
     return parser
@@ -315,7 +332,11 @@ def prefill_main(argv: list[str] | None = None) -> dict:
     def summary_of(results: list[dict]) -> dict:
         return {"task": "prefill", **header, "results": results}
 
-    with tqdm(total=len(args.lengths) * len(run.settings), desc="prefill", unit="point") as bar:
+    if any(size < 1 for size in args.chunk_sizes):
+        raise SystemExit(f"--chunk_sizes: expected positive token counts, found {args.chunk_sizes}")
+    points = sum(len(run.settings) * (1 + sum(size < length for size in args.chunk_sizes)) for length in args.lengths)
+    with tqdm(total=points, desc="prefill", unit="point") as bar:
         results = benchmark_prefill(run.model, args.lengths, run.settings, args.warmup, args.repeats,
-                                    on_length_done=lambda done: _save(run.output, summary_of(done)), progress=bar)
+                                    on_length_done=lambda done: _save(run.output, summary_of(done)), progress=bar,
+                                    chunk_sizes=args.chunk_sizes)
     return _finish(run.output, summary_of(results))

@@ -4,6 +4,8 @@ Breakdown, measured in two ways:
 - end to end: the same prefill with attention replaced by a no-op (a function registered with
   transformers' attention registry that returns its query as the output) gives the time of
   everything but attention; TTFT minus that is what attention (gate included) costs.
+- fed in chunks (`chunk_sizes`): the prompt goes in as consecutive chunks through one cache (chunked
+  prefill; each chunk after the first is a continued prefill), timed end to end like the one-shot run.
 - inside one instrumented prefill: timing events around every gate forward (forward hooks on
   `seer_gate`) and around every call of the attention function (a timing wrapper registered under
   its own name) split the time into gate, attention (mask selection + kernel; SDPA when dense) and
@@ -69,11 +71,20 @@ def time_runs(function: Callable[[], object], device: torch.device, warmup: int 
     return times
 
 
-def prefill_function(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], None]:
-    """One end-to-end prefill as a user's generate() runs it: KV cache filled, logits of the last token."""
+def prefill_function(model: nn.Module, input_ids: torch.Tensor, chunk_size: int | None = None) -> Callable[[], None]:
+    """One end-to-end prefill as a user's generate() runs it: KV cache filled, logits of the last token.
+    With `chunk_size`, the prompt goes in chunks of that many tokens through one DynamicCache."""
+    from transformers import DynamicCache
+
     @torch.inference_mode()
     def run():
-        model(input_ids=input_ids, logits_to_keep=1)
+        if chunk_size is None:
+            model(input_ids=input_ids, logits_to_keep=1)
+            return
+        cache = DynamicCache()
+        for start in range(0, input_ids.shape[1], chunk_size):
+            model(input_ids=input_ids[:, start: start + chunk_size], past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
     return run
 
 
@@ -104,8 +115,9 @@ def no_attention(model: nn.Module):
         yield model
 
 
-def instrumented_prefill(model: nn.Module, input_ids: torch.Tensor) -> dict:
-    """One prefill with timing events around every gate and every attention call.
+def instrumented_prefill(model: nn.Module, input_ids: torch.Tensor, chunk_size: int | None = None) -> dict:
+    """One prefill (in chunks with `chunk_size`) with timing events around every gate and every
+    attention call.
 
     Returns seconds: {"total_s", "gate_s", "attention_s" (attention function minus gate), "other_s"}.
     """
@@ -132,7 +144,7 @@ def instrumented_prefill(model: nn.Module, input_ids: torch.Tensor) -> dict:
                 lambda _m, _a, _o, pending=pending: gate.stop(pending.pop())))
     try:
         with attention_replaced(model, TIMED_PREFIX + original, timed):
-            run = prefill_function(model, input_ids)
+            run = prefill_function(model, input_ids, chunk_size)
             if total.cuda:
                 torch.cuda.synchronize(device)
             started = total.start()
@@ -147,10 +159,13 @@ def instrumented_prefill(model: nn.Module, input_ids: torch.Tensor) -> dict:
 
 
 def benchmark_prefill(model: nn.Module, lengths: list[int], settings: list, warmup: int = 1, repeats: int = 3,
-                      on_length_done: Callable[[list[dict]], None] | None = None, progress=None) -> list[dict]:
+                      on_length_done: Callable[[list[dict]], None] | None = None, progress=None,
+                      chunk_sizes: list[int] = ()) -> list[dict]:
     """TTFT of every setting at every length (random token ids, batch 1), the TTFT without attention,
-    the instrumented breakdown and the achieved density. A setting that runs out of memory is
-    recorded with its error and the benchmark goes on."""
+    the instrumented breakdown, the achieved density and the attention paths the layers took; with
+    `chunk_sizes`, also each setting's TTFT with the prompt fed in chunks of each size shorter than
+    the prompt (rows labelled "<setting>, <n>-token chunks", `chunk_size` set). A setting that runs out
+    of memory is recorded with its error and the benchmark goes on."""
     import seerattn_hf as sa
 
     from .settings import achieved_density, apply_setting
@@ -168,20 +183,24 @@ def benchmark_prefill(model: nn.Module, lengths: list[int], settings: list, warm
             noop = None
             _free(device)
             results.append({"length": length, "method": "no attention", "label": "no attention", "error": str(error)})
-        for setting in settings:
+        runs = [(setting, chunk) for setting in settings for chunk in [None, *chunk_sizes]
+                if chunk is None or chunk < length]
+        for setting, chunk in runs:
+            label = setting.label if chunk is None else f"{setting.label}, {chunk}-token chunks"
             if progress is not None:
-                progress.set_postfix_str(f"{length} tokens, {setting.label}")
-            row = {"length": length, **setting.to_dict()}
+                progress.set_postfix_str(f"{length} tokens, {label}")
+            row = {"length": length, **setting.to_dict(), "label": label, "chunk_size": chunk}
             try:
                 apply_setting(model, setting)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                times = time_runs(run, device, warmup, repeats)
+                times = time_runs(run if chunk is None else prefill_function(model, input_ids, chunk), device,
+                                  warmup, repeats)
                 sa.reset_sparsity_stats(model)
-                breakdown = instrumented_prefill(model, input_ids)
+                breakdown = instrumented_prefill(model, input_ids, chunk)
                 row.update(ttft_s=statistics.median(times), ttft_runs_s=times, ttft_no_attention_s=noop,
                            attention_end_to_end_s=None if noop is None else statistics.median(times) - noop,
-                           density=achieved_density(model, setting),
+                           density=achieved_density(model, setting), paths=sa.get_sparsity_stats(model)["paths"],
                            backends=sa.get_sparsity_stats(model)["backends"],
                            breakdown={k: round(v, 6) for k, v in breakdown.items()})
                 if device.type == "cuda":

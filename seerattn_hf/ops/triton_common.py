@@ -40,13 +40,16 @@ def online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, MAY_BE_EMPTY
     return m_new, l_i, acc
 
 
-def check_attention_inputs(q, k, v, block_size):
-    """Argument checks of the Triton attention launchers; returns (B, HQ, HKV, T, D)."""
+def check_attention_inputs(q, k, v, block_size, query_chunk=False):
+    """Argument checks of the Triton attention launchers; returns (B, HQ, HKV, T, D), T the key
+    length. query_chunk: q may hold fewer positions than k (the last ones)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected q [B, HQ, T, D], k/v [B, HKV, T, D]; found {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    B, HQ, T, D = q.shape
-    HKV = k.shape[1]
+    B, HQ, TQ, D = q.shape
+    HKV, T = k.shape[1], (k.shape[2] if query_chunk else TQ)
+    if TQ > T:
+        raise ValueError(f"expected k and v with at least the {TQ} query positions; found {T}")
     if k.shape != (B, HKV, T, D) or v.shape != k.shape or HQ % HKV != 0:
         raise ValueError(f"expected k and v of shape [B={B}, HKV, T={T}, D={D}] with HQ={HQ} a multiple "
                          f"of HKV; found {tuple(k.shape)} and {tuple(v.shape)}")

@@ -105,6 +105,21 @@ def test_bench_prefill(tmp_path):
     assert sparse[(256, 0.2)] < sparse[(256, 0.5)] < 1.0
 
 
+def test_bench_prefill_times_chunked_prompts(tmp_path):
+    prefill_main(["--config_preset", "tiny-llama", "--num_layers", "1", "--lengths", "64", "200",
+                  "--block_size", "16", "--warmup", "0", "--repeats", "1", "--densities", "0.3",
+                  "--chunk_sizes", "72", "100", "--output", str(tmp_path)])
+    rows = {(r["length"], r["label"]): r for r in _read(tmp_path)["results"]}
+    # Chunks as long as the prompt or longer are one-shot runs, left out.
+    assert sorted(rows) == sorted([(64, "dense"), (64, "gate d=0.3")] + [
+        (200, s + c) for s in ("dense", "gate d=0.3") for c in ("", ", 72-token chunks", ", 100-token chunks")])
+    chunked = rows[(200, "gate d=0.3, 72-token chunks")]
+    assert chunked["chunk_size"] == 72 and chunked["ttft_s"] > 0 and chunked["density"] < 1.0
+    assert chunked["paths"] == {"sparse": 1, "sparse_continued": 2}
+    assert rows[(200, "dense, 100-token chunks")]["paths"] == {"dense": 2}
+    assert "72-token chunks" in (tmp_path / "results.md").read_text()
+
+
 def test_eval_ppl_with_a_gate_adapter(tiny_checkpoint, text_files, tmp_path):
     from transformers import AutoModelForCausalLM
 

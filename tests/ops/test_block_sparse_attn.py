@@ -207,3 +207,67 @@ def test_flex_bf16_gpu():
     q, k, v, idx, count, bs, offsets = make_case(GPU_CASES[2], torch.bfloat16, "cuda")
     o = flex_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets)
     assert rel_rms(o, naive_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets)) < 1e-2
+
+
+# Query chunks continued from a cache: (case index, chunk length). Chunks start inside blocks,
+# on a block boundary, hold a single row, or start inside a sequence's left padding.
+CHUNK_CASES = [(1, 29), (2, 64), (3, 77), (3, 1), (4, 131), (7, 90), (8, 40)]
+
+
+def chunk_rows(idx, count, query_length, key_length, block_size, offsets):
+    """The rows of whole-prompt lists that a chunk of the last `query_length` positions reads."""
+    from seerattn_hf.blocks import query_block_diagonals
+
+    diagonal, _ = query_block_diagonals(query_length, key_length, block_size, offsets, idx.shape[0], idx.device)
+    rows = diagonal.clamp(max=idx.shape[2] - 1)
+    chunk_idx = idx.gather(2, rows[:, None, :, None].expand(-1, idx.shape[1], -1, idx.shape[3]))
+    chunk_count = count.gather(2, rows[:, None, :].expand(-1, count.shape[1], -1))
+    return chunk_idx.contiguous(), chunk_count.contiguous()
+
+
+def chunk_case(case_index, chunk, dtype=torch.float32, dev="cpu"):
+    q, k, v, idx, count, bs, offsets = make_case(CASES[case_index], dtype, dev)
+    T = q.shape[2]
+    chunk_idx, chunk_count = chunk_rows(idx, count, chunk, T, bs, offsets)
+    return q, k, v, idx, count, bs, offsets, q[:, :, T - chunk:], chunk_idx, chunk_count
+
+
+@pytest.mark.parametrize("case_index, chunk", CHUNK_CASES, ids=[f"case{c}-chunk{n}" for c, n in CHUNK_CASES])
+def test_naive_chunk_equals_the_rows_of_the_whole_prompt(case_index, chunk):
+    q, k, v, idx, count, bs, offsets, q_chunk, chunk_idx, chunk_count = chunk_case(case_index, chunk)
+    whole_o, whole_lse = naive_block_sparse_attention(q, k, v, idx, count, bs, seq_offsets=offsets,
+                                                      return_lse=True)
+    o, lse = naive_block_sparse_attention(q_chunk, k, v, chunk_idx, chunk_count, bs, seq_offsets=offsets,
+                                          return_lse=True)
+    T = q.shape[2]
+    assert o.shape == (q.shape[0], chunk, q.shape[1], q.shape[3])
+    assert rel_rms(o, whole_o[:, T - chunk:]) < 1e-6 and rel_rms(lse, whole_lse[..., T - chunk:]) < 1e-6
+
+
+@pytest.mark.parametrize("case_index, chunk", CHUNK_CASES, ids=[f"case{c}-chunk{n}" for c, n in CHUNK_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_chunk_matches_naive(case_index, chunk, dtype, nan_empty):
+    _, k, v, _, _, bs, offsets, q_chunk, chunk_idx, chunk_count = chunk_case(case_index, chunk, dtype, device())
+    o, lse = triton_block_sparse_attention(q_chunk, k, v, chunk_idx, chunk_count, bs, seq_offsets=offsets,
+                                           return_lse=True)
+    ref_o, ref_lse = naive_block_sparse_attention(q_chunk, k, v, chunk_idx, chunk_count, bs,
+                                                  seq_offsets=offsets, return_lse=True)
+    assert_matches_reference(o, lse, ref_o, ref_lse, dtype)
+
+
+def test_chunk_lists_of_the_wrong_row_count_are_refused():
+    q, k, v = make_qkv(1, 4, 2, 100, 16, device=device())
+    idx, count = make_block_lists(1, 4, 100, 16, 0.5, device=device())  # 7 rows; the chunk needs 2
+    for attention in (naive_block_sparse_attention, triton_block_sparse_attention):
+        with pytest.raises(ValueError, match="block_idx"):
+            attention(q[:, :, -20:], k, v, idx, count, 16)
+
+
+@pytest.mark.gpu
+def test_triton_chunk_bf16_gpu(nan_empty):
+    q, k, v, idx, count, bs, offsets = make_case(GPU_CASES[0], torch.bfloat16, "cuda")
+    chunk = 4096 - 1000  # starts inside a block
+    chunk_idx, chunk_count = chunk_rows(idx, count, chunk, q.shape[2], bs, offsets)
+    args = (q[:, :, -chunk:], k, v, chunk_idx, chunk_count, bs)
+    o = triton_block_sparse_attention(*args)
+    assert rel_rms(o, naive_block_sparse_attention(*args)) < 1e-2

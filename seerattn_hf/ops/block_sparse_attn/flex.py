@@ -65,8 +65,12 @@ def build_block_mask(block_idx, block_count, block_size, T, n_heads, lengths=Non
 def flex_block_sparse_attention(q, k, v, block_idx, block_count, block_size, scale=None,
                                 seq_offsets=None, return_lse=False):
     """Same arguments, shapes and results as `naive_block_sparse_attention`, through FlexAttention
-    (compiled on CUDA; eager elsewhere, for tests only). lse is optional as there."""
+    (compiled on CUDA; eager elsewhere, for tests only). lse is optional as there. Whole prompts
+    only: a query chunk continued from a cache (fewer queries than keys) is refused."""
     B, HQ, T, D = q.shape
+    if k.shape[2] != T:
+        raise ValueError(f"the flex backend takes whole prompts (as many queries as keys); found {T} queries "
+                         f"and {k.shape[2]} keys: use backend 'triton' or 'torch' for continued prefill")
     if k.shape[1] == 0 or HQ % k.shape[1]:
         raise ValueError(f"expected HQ a multiple of HKV; found HQ={HQ}, HKV={k.shape[1]}")
     lengths = None

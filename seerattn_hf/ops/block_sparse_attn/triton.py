@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...blocks import query_block_rows
 from ..triton_common import (
     LOG2E,
     check_attention_inputs,
@@ -52,14 +53,17 @@ def block_sparse_attn_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_ib, stride_ih, stride_in,
     stride_cb, stride_ch,
-    T, n_qblocks, qk_scale,
+    T, TQ, n_qblocks, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr, GM: tl.constexpr, MASK_PER_QHEAD: tl.constexpr,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, KBS: tl.constexpr, BLOCK_N: tl.constexpr,
-    DENSE: tl.constexpr, HAS_OFFSETS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    DENSE: tl.constexpr, HAS_OFFSETS: tl.constexpr, RETURN_LSE: tl.constexpr, CHUNK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """q: [B, HQ, T, D]; k, v: [B, HKV, T, D]; o: [B, T, HQ, D]; lse: [B, HQ, T] float32 (log2 units
-    are converted to natural log on store); block_idx: [B, HM, NB, K] int32; block_count: [B, HM, NB].
+    """q: [B, HQ, TQ, D], the queries of the last TQ of T positions; k, v: [B, HKV, T, D];
+    o: [B, TQ, HQ, D]; lse: [B, HQ, TQ] float32 (log2 units are converted to natural log on store);
+    block_idx: [B, HM, NB, K] int32; block_count: [B, HM, NB]. List row i is the sequence's block
+    first + i, first the block holding the chunk's first real query (0 for a whole prompt).
+    CHUNK (TQ < T): the first block may be partly cached, so rows are stored through masked pointers.
     Grid: (n_qblocks * G // GM, HKV, B), the heaviest (last) query blocks first."""
     BLOCK_M: tl.constexpr = GM * BLOCK_Q
     pid = tl.program_id(0)
@@ -72,17 +76,19 @@ def block_sparse_attn_fwd_kernel(
     off = 0
     if HAS_OFFSETS:
         off = tl.load(seq_offsets + i_b).to(tl.int32)
-    n_seq_blocks = tl.cdiv(T - off, BLOCK_Q)
+    q_start = T - TQ
+    first = tl.maximum(q_start - off, 0) // BLOCK_Q
+    n_seq_blocks = tl.cdiv(T - off, BLOCK_Q) - first
 
     r = tl.arange(0, BLOCK_M)
     r_head = h0 + r // BLOCK_Q
-    lse_rows = lse + (i_b * HQ + r_head) * T
+    lse_rows = lse + (i_b * HQ + r_head) * TQ
 
     if i_q >= n_seq_blocks:
-        # No sequence block here: this program zeroes part of the left padding instead. A grid of
-        # ceil(T / BLOCK_Q) + 1 query blocks always has enough such programs to cover [0, off).
+        # No sequence block here: this program zeroes part of the left padding [q_start, off)
+        # instead. The grid's one spare query block always leaves enough such programs.
         t = (i_q - n_seq_blocks) * BLOCK_Q + r % BLOCK_Q
-        pad = t < off
+        pad = t < off - q_start
         o_rows = o + i_b * stride_ob + r_head * stride_oh
         d = tl.arange(0, D)
         tl.store(o_rows[:, None] + t[:, None] * stride_ot + d[None, :],
@@ -91,15 +97,17 @@ def block_sparse_attn_fwd_kernel(
             tl.store(lse_rows + t, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=pad)
         return
 
-    t_start = off + i_q * BLOCK_Q
-    t_q = t_start + r % BLOCK_Q
+    i_block = first + i_q  # the diagonal key block
+    t_start = off + i_block * BLOCK_Q
+    t_q = t_start + r % BLOCK_Q  # key positions of the rows
+    row_real = (t_q >= q_start) & (t_q < T)
     d = tl.arange(0, D)
-    q_tile = tl.load(q + i_b * stride_qb + r_head[:, None] * stride_qh + t_q[:, None] * stride_qt
-                     + d[None, :], mask=(t_q < T)[:, None], other=0.0)
+    q_tile = tl.load(q + i_b * stride_qb + r_head[:, None] * stride_qh + (t_q - q_start)[:, None] * stride_qt
+                     + d[None, :], mask=row_real[:, None], other=0.0)
 
     if DENSE:
-        n_full = (i_q * BLOCK_Q) // KBS
-        n_end = tl.cdiv(tl.minimum((i_q + 1) * BLOCK_Q, T - off), KBS)
+        n_full = (i_block * BLOCK_Q) // KBS
+        n_end = tl.cdiv(tl.minimum((i_block + 1) * BLOCK_Q, T - off), KBS)
         idx_row = block_idx  # unused
     else:
         i_m = h0 if MASK_PER_QHEAD else i_kvh
@@ -110,7 +118,7 @@ def block_sparse_attn_fwd_kernel(
         hi = count.to(tl.int32)
         while lo < hi:
             mid = (lo + hi) // 2
-            before = tl.load(idx_row + mid) < i_q
+            before = tl.load(idx_row + mid) < i_block
             lo = tl.where(before, mid + 1, lo)
             hi = tl.where(before, hi, mid)
         n_full = lo
@@ -155,13 +163,17 @@ def block_sparse_attn_fwd_kernel(
     # The output tile leaves through a tensor descriptor over this sequence's [HQ, T, D] view (rows past
     # T are not written): only scalars stay live through the loops, where per-row output pointers
     # would take the registers the main loop needs and make it spill.
-    o_desc = tl.make_tensor_descriptor(o + i_b * stride_ob, shape=[HQ, T, D], strides=[stride_oh, stride_ot, 1],
-                                       block_shape=[GM, BLOCK_Q, D])
-    o_desc.store([h0, t_start, 0], tl.reshape(acc.to(o.dtype.element_ty), [GM, BLOCK_Q, D]))
+    if CHUNK:
+        tl.store(o + i_b * stride_ob + r_head[:, None] * stride_oh + (t_q - q_start)[:, None] * stride_ot
+                 + d[None, :], acc.to(o.dtype.element_ty), mask=row_real[:, None])
+    else:
+        o_desc = tl.make_tensor_descriptor(o + i_b * stride_ob, shape=[HQ, T, D],
+                                           strides=[stride_oh, stride_ot, 1], block_shape=[GM, BLOCK_Q, D])
+        o_desc.store([h0, t_start, 0], tl.reshape(acc.to(o.dtype.element_ty), [GM, BLOCK_Q, D]))
     if RETURN_LSE:
         row_lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634  # log2 -> ln
         row_lse = tl.where(empty, float("-inf"), row_lse)
-        tl.store(lse_rows + t_q, row_lse, mask=t_q < T)
+        tl.store(lse_rows + t_q - q_start, row_lse, mask=row_real)
 
 
 def default_config(block_q, kv_block, D, G, heads_per_tile_max, dtype):
@@ -187,7 +199,8 @@ def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=Non
     (pass None) and attends every causal key, with query blocks of block_q rows (default 128).
     heads_per_tile / block_n (a power of two <= block_size) / num_warps / num_stages override the
     heuristic (benchmarks)."""
-    B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
+    B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size, query_chunk=not dense)
+    TQ = q.shape[2]
     G = HQ // HKV
     q = q if q.stride(-1) == 1 else q.contiguous()
     k, v = descriptor_ready(k), descriptor_ready(v)
@@ -197,7 +210,7 @@ def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=Non
         block_idx = block_count = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
     else:
         block_q = block_size
-        NB = triton.cdiv(T, block_size)
+        NB = query_block_rows(TQ, T, block_size, seq_offsets)
         HM = block_idx.shape[1] if block_idx.dim() == 4 else -1
         if block_idx.dim() != 4 or block_idx.shape[:3] != (B, HM, NB) or HM not in (HQ, HKV):
             raise ValueError(f"expected block_idx [B={B}, HM in ({HQ}, {HKV}), NB={NB}, K]; found "
@@ -224,9 +237,10 @@ def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=Non
     scale = D**-0.5 if scale is None else scale
     triton.set_allocator(descriptor_scratch)
 
-    o = torch.empty(B, T, HQ, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device) if return_lse else o
-    n_qblocks = query_tile_count(T, block_q, seq_offsets)
+    o = torch.empty(B, TQ, HQ, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, HQ, TQ, dtype=torch.float32, device=q.device) if return_lse else o
+    # With left padding, one spare query tile whose programs zero padding rows (every row is written).
+    n_qblocks = query_tile_count(T, block_q, seq_offsets) if dense else NB + (seq_offsets is not None)
     grid = (n_qblocks * (G // gm), HKV, B)
     block_sparse_attn_fwd_kernel[grid](
         q, k, v, o, lse, block_idx, block_count, seq_offsets if seq_offsets is not None else o,
@@ -236,10 +250,10 @@ def block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=Non
         o.stride(0), o.stride(1), o.stride(2),
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
         block_count.stride(0), block_count.stride(1),
-        T, n_qblocks, scale * LOG2E,
+        T, TQ, n_qblocks, scale * LOG2E,
         HQ=HQ, G=G, GM=gm, MASK_PER_QHEAD=mask_per_qhead, D=D, BLOCK_Q=block_q,
         KBS=bn if dense else block_size, BLOCK_N=bn, DENSE=dense,
-        HAS_OFFSETS=seq_offsets is not None, RETURN_LSE=return_lse,
+        HAS_OFFSETS=seq_offsets is not None, RETURN_LSE=return_lse, CHUNK=TQ < T,
         INPUT_PRECISION=input_precision(q.dtype),
         num_warps=nw, num_stages=ns,
     )
@@ -251,17 +265,20 @@ def triton_block_sparse_attention(q, k, v, block_idx, block_count, block_size, s
     """Block-sparse causal attention over the kept key blocks of each query block.
 
     Args:
-        q: [B, HQ, T, D] (any strides with a contiguous last dim); k, v: [B, HKV, T, D], GQA read in
-            place (query head h uses kv head h // (HQ // HKV)).
+        q: [B, HQ, TQ, D] (any strides with a contiguous last dim), TQ <= T: the queries of the last TQ
+            positions (a chunk continued from a cache), causal w.r.t. those positions; k, v:
+            [B, HKV, T, D], GQA read in place (query head h uses kv head h // (HQ // HKV)).
         block_idx: [B, HM, NB, K] int32, ascending kept key blocks per query block, first block_count
             valid; HM == HQ or HM == HKV (shared by a KV group: its heads run as one tile).
-        block_count: [B, HM, NB] int32. block_size: power of two in [16, 128]; NB = ceil(T / block_size).
+        block_count: [B, HM, NB] int32. block_size: power of two in [16, 128];
+            NB = `blocks.query_block_rows(TQ, T, block_size, seq_offsets)` (ceil(T / block_size) for
+            TQ == T; row i of a chunk is the block holding its first real query, plus i).
         scale: default D ** -0.5. seq_offsets: [B] int or None, left padding (blocks counted from it).
         return_lse: also return lse.
 
     Returns:
-        o: [B, T, HQ, D] in q.dtype (rows keeping nothing and padding rows are 0); with return_lse
-        also lse: [B, HQ, T] float32, natural log, -inf where nothing is kept.
+        o: [B, TQ, HQ, D] in q.dtype (rows keeping nothing and padding rows are 0); with return_lse
+        also lse: [B, HQ, TQ] float32, natural log, -inf where nothing is kept.
     """
     return block_sparse_attn_fwd(q, k, v, block_idx, block_count, block_size, scale=scale,
                                  seq_offsets=seq_offsets, return_lse=return_lse)
