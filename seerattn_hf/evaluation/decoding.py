@@ -39,8 +39,14 @@ class DecodeSetting:
         return self.selector if self.token_budget is None else f"{self.selector} budget={self.token_budget}"
 
 
-def build_decode_settings(selectors: list[str], budgets: list[int]) -> list[DecodeSetting]:
-    settings = [DecodeSetting("unpatched"), DecodeSetting("dense")]
+BASELINES = ("unpatched", "dense")
+
+
+def build_decode_settings(selectors: list[str], budgets: list[int],
+                          baselines: tuple[str, ...] = BASELINES) -> list[DecodeSetting]:
+    """The baselines (the unpatched model; dense decoding through the patch), then every selector at
+    every budget."""
+    settings = [DecodeSetting(baseline) for baseline in baselines]
     return settings + [DecodeSetting(selector, budget) for selector in selectors for budget in budgets]
 
 
@@ -263,6 +269,8 @@ def decode_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--prefill_chunk", type=int, default=8192, help="prompt tokens per prefill forward")
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES),
+                        help="none: the sparse settings alone (speed-ups then need an earlier run's baselines)")
     parser.add_argument("--modes", nargs="+", default=["eager", "static", "compiled"], choices=list(MODES),
                         help="eager: DynamicCache; static: StaticCache; compiled: StaticCache + "
                         "torch.compile(mode='reduce-overhead'), CUDA only")
@@ -296,7 +304,9 @@ def decode_main(argv: list[str] | None = None) -> dict:
         write_text(output / "results.md", decode_markdown(summary))
         return summary
 
-    settings = build_decode_settings(args.selectors, args.budgets)
+    settings = build_decode_settings(args.selectors, args.budgets, tuple(args.baselines))
+    if not settings:
+        raise ValueError("nothing to time: give --selectors or --baselines")
     if "compiled" in args.modes and device.type != "cuda":
         raise ValueError(f"--modes compiled needs a CUDA device (CUDA graphs); found {device}: use --modes eager")
     rows = benchmark_decoding(model, args.batch_sizes, args.contexts, settings, args.warmup, args.steps, patch,

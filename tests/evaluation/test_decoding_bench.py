@@ -40,6 +40,11 @@ def test_compiled_decoding_is_timed_over_a_static_cache_and_refused_without_cuda
     # 100 prompt tokens + 3 steps: 7 blocks, of which 48 tokens are 3.
     for mode in ("compiled", "static"):
         assert rows[[r["mode"] for r in rows].index(mode) + 2]["decode_density"] == pytest.approx(3 / 7, rel=0.05)
+    # The sparse setting alone, compiled before anything else decoded from the cache: the same blocks.
+    alone = benchmark_decoding(model, [2], [100], build_decode_settings(["gate"], [48], baselines=()), warmup=1,
+                               steps=2, patch=patch, prefill_chunk=64, modes=("compiled",), compile_backend="aot_eager")
+    assert [r["label"] for r in alone] == ["gate budget=48"] and "error" not in alone[0]
+    assert alone[0]["decode_density"] == pytest.approx(3 / 7, rel=0.05)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         decode_main(["--config_preset", "tiny-llama", "--device", "cpu", "--modes", "compiled",
                      "--output", str(tmp_path)])
