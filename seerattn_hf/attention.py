@@ -13,6 +13,7 @@ import torch
 
 from .blocks import num_blocks, valid_block_rows
 from .decode_attention import sparse_decode_step
+from .decode_distill import DecodeDistillRecord, DecodeDistillSettings, decode_distill_attention
 from .gate import SeerGate
 from .ops.block_sparse_attn import (
     flex_block_sparse_attention,
@@ -61,6 +62,10 @@ class SeerLayerState:
     kept_blocks: torch.Tensor | None = None
     causal_blocks: torch.Tensor | None = None
     distill_record: DistillRecord | None = None
+    # What distillation mode trains ("prefill", "decode"), and how decode gates are distilled.
+    distill_kinds: tuple[str, ...] = ("prefill",)
+    decode_distill: DecodeDistillSettings | None = None
+    decode_distill_record: DecodeDistillRecord | None = None
     hooks: list = field(default_factory=list)
 
     @property
@@ -198,9 +203,10 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
             return decoded.to(value.dtype), None
     query_length, key_length = query.shape[2], key.shape[2]
     prefill = query_length == key_length
-    if state is None or state.mode == "dense" or not prefill or query_length < state.policy.min_sparse_length:
-        # Layers left without a gate (GateConfig.layers), dense mode, decoding steps and
-        # prompts continued from a cache run the model's own attention.
+    short = state is not None and state.mode == "sparse" and query_length < state.policy.min_sparse_length
+    if state is None or state.mode == "dense" or not prefill or short:
+        # Layers left without a gate (GateConfig.layers), dense mode, decoding steps, prompts continued
+        # from a cache and (sparse mode) short prompts run the model's own attention.
         if state is not None:
             state.take_captured()
         return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
@@ -216,11 +222,20 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
 
     if state.mode == "distill":
         captured_query, captured_key = _gate_inputs_or_fail(state)
-        with torch.no_grad():
-            output, target = pooled_attention(query, key, value, block_size, scale, seq_offsets,
-                                              policy.backend)
-        gate_log_probs = gate(captured_query, captured_key, seq_offsets)
-        state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
+        output = None
+        if "decode" in state.distill_kinds and hasattr(module, "seer_decode_gate"):
+            output, state.decode_distill_record = decode_distill_attention(
+                module, state.layer_idx, state.decode_distill, query, key, value, captured_query, captured_key,
+                scale, seq_offsets, policy.backend)
+        if "prefill" in state.distill_kinds:
+            with torch.no_grad():
+                output, target = pooled_attention(query, key, value, block_size, scale, seq_offsets,
+                                                  policy.backend)
+            gate_log_probs = gate(captured_query, captured_key, seq_offsets)
+            state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
+        if output is None:  # decode distillation only, on a layer without a decode gate
+            return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
         return output, None
 
     scores = _selection_scores(state, gate, query, key, value, scale, seq_offsets)
