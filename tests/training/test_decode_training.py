@@ -133,3 +133,33 @@ def test_both_kinds_train_in_one_run(tiny_checkpoint, jsonl_corpus, tmp_path):
               if "loss" in line][-1]
     assert len(record["kl_per_layer"]) == 4  # two prefill layers, then two decode layers
     assert "kl" in summary["eval"] and "decode_kl" in summary["eval"]
+
+
+def test_decode_quality_evaluation_of_trained_gates(tiny_checkpoint, jsonl_corpus, tmp_path):
+    from seerattn_hf.evaluation.decoding import quality_main
+
+    folder = tmp_path / "run"
+    run(decode_args(tiny_checkpoint, jsonl_corpus, folder, max_steps=2, save_steps=0))
+    output = tmp_path / "eval"
+    summary = quality_main(["--model", str(tiny_checkpoint), "--gates", str(folder), "--device", "cpu",
+                            "--selectors", "gate", "oracle", "streaming", "--budgets", "--budget_fractions", "0.25",
+                            "--prompt_length", "160", "--continuation", "32", "--greedy_tokens", "6",
+                            "--retrieval_lengths", "512", "--retrieval_samples", "1", "--output", str(output)])
+    rows = {r["label"]: r for r in summary["results"]}
+    assert list(rows) == ["dense", "gate budget=1/4", "oracle budget=1/4", "streaming budget=1/4"]
+    # 192 tokens, 16-token blocks: a quarter is 3 blocks, of the 12 a token reads at most.
+    assert all(r["token_budget"] == 48 for label, r in rows.items() if label != "dense")
+    assert all(0.0 < rows[label]["decode_density"] < 0.5 for label in rows if label != "dense")
+    retrieval = {r["label"]: r for r in summary["retrieval"]}
+    assert list(retrieval) == ["dense", "gate budget=1/4", "oracle budget=1/4", "streaming budget=1/4"]
+    assert retrieval["gate budget=1/4"]["decode_density"] < 0.6
+    assert json.loads((output / "results.json").read_text())["gates"] == str(folder)
+    text = (output / "results.md").read_text()
+    assert "| gate budget=1/4 | 48 |" in text and "Retrieval answered by sparse decoding" in text
+
+
+def test_gate_selector_needs_an_adapter(tmp_path):
+    from seerattn_hf.evaluation.decoding import quality_main
+
+    with pytest.raises(SystemExit):
+        quality_main(["--selectors", "gate", "--output", str(tmp_path)])
