@@ -79,6 +79,12 @@ def decode_gate_log_probs(gate: SeerDecodeGate, captured_query: torch.Tensor, ca
     `[B, HKV, TQ, NB]` float32 for the tokens t >= first_query (-inf outside the candidates; 0 in rows
     without one) and `rows: [B, TQ]` bool, the tokens with at least one candidate block.
     """
+    # float32 as at decoding time, also under a training run's autocast
+    with torch.autocast(captured_key.device.type, enabled=False):
+        return _decode_gate_log_probs(gate, captured_query, captured_key, seq_offsets, first_query)
+
+
+def _decode_gate_log_probs(gate, captured_query, captured_key, seq_offsets, first_query):
     batch, length = captured_key.shape[:2]
     size = gate.config.block_size
     blocks = num_blocks(length, size)

@@ -95,3 +95,14 @@ def test_decode_distillation_needs_decode_gates():
         sa.patching.set_distill_targets(model, ("decode",))
     with pytest.raises(ValueError, match="expected a non-empty subset"):
         sa.patching.set_distill_targets(model, ("decoding",))
+
+
+def test_gate_log_probs_stay_float32_under_autocast():
+    from seerattn_hf.decode_distill import decode_gate_log_probs
+
+    gate = sa.patching.patched_attention_modules(_patched("llama"))[0].seer_decode_gate
+    query, key = torch.randn(1, 70, 4, 16), torch.randn(1, 70, 2, 16)
+    expected, _ = decode_gate_log_probs(gate, query, key, None, 35)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found, _ = decode_gate_log_probs(gate, query, key, None, 35)
+    assert torch.equal(found, expected)
