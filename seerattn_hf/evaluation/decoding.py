@@ -237,7 +237,7 @@ def decode_main(argv: list[str] | None = None) -> dict:
 
 @torch.inference_mode()
 def decoding_quality(model: nn.Module, input_ids: torch.Tensor, prompt_length: int, settings: list[DecodeSetting],
-                     greedy_tokens: int = 64) -> list[dict]:
+                     greedy_tokens: int = 64, on_row_done=None) -> list[dict]:
     """How sparse decoding changes what a patched model predicts.
 
     input_ids: `[1, T]` one document. After a dense prefill of its first `prompt_length` tokens, the
@@ -245,6 +245,7 @@ def decoding_quality(model: nn.Module, input_ids: torch.Tensor, prompt_length: i
     perplexity of those tokens. Then `greedy_tokens` are generated from the prompt alone: the share
     equal to the dense generation's and how many come before the first difference.
     Rows: `{"label", "ppl", "decode_density", "greedy_agreement", "greedy_prefix"}`; "dense" first.
+    `on_row_done(rows)` is called after each setting (partial results of a long run).
     """
     import math
 
@@ -276,6 +277,8 @@ def decoding_quality(model: nn.Module, input_ids: torch.Tensor, prompt_length: i
                      "ppl": math.exp(float(torch.stack(losses).mean())), "decode_density": density,
                      "greedy_agreement": sum(same) / len(same),
                      "greedy_prefix": same.index(False) if False in same else len(same)})
+        if on_row_done is not None:
+            on_row_done(rows)
     return rows
 
 
@@ -419,10 +422,17 @@ def quality_main(argv: list[str] | None = None) -> dict:
     settings = [DecodeSetting(selector, budget) for selector in args.selectors for budget in args.budgets]
     settings += [DecodeSetting(selector, fraction_budget(fraction, context, block_size), fraction)
                  for selector in args.selectors for fraction in args.budget_fractions]
-    rows = decoding_quality(model, ids, args.prompt_length, settings, args.greedy_tokens)
     summary = {"task": "decode_quality", "model": args.model, "gates": args.gates, "prompt_length": args.prompt_length,
                "continuation": context - args.prompt_length, "greedy_tokens": args.greedy_tokens,
-               "environment": environment(), "results": rows}
+               "environment": environment()}
+
+    def save(rows: list[dict]) -> None:
+        summary["results"] = rows
+        write_json(output / "results.json", summary)
+        write_text(output / "results.md", quality_markdown(summary))
+
+    rows = decoding_quality(model, ids, args.prompt_length, settings, args.greedy_tokens, on_row_done=save)
+    plot_quality(rows, output / "decode_quality.png")
     if args.retrieval_lengths:
         from ..documents import load_document_records
         from .retrieval import PromptBuilder, haystack_text
@@ -435,9 +445,7 @@ def quality_main(argv: list[str] | None = None) -> dict:
                               if s.budget_fraction is not None]
         summary.update(retrieval_samples=args.retrieval_samples,
                        retrieval=decode_retrieval(model, tokenizer, prompts, retrieval_settings, block_size))
+        save(rows)
     markdown = quality_markdown(summary)
-    write_json(output / "results.json", summary)
-    write_text(output / "results.md", markdown)
-    plot_quality(rows, output / "decode_quality.png")
     print(markdown)
     return summary
