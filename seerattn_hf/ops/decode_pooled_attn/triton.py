@@ -134,13 +134,15 @@ def decode_pooled_attn_fwd_kernel(
 
 def decode_pooled_config(block_size, D, dtype):
     """(block_q, block_n, num_warps, num_stages, programs_per_sm, chunk): small tiles in the
-    interpreter; on the GPU the prefill kernel's measured shapes (pooled_attn.triton.fused_config)."""
+    interpreter. On the GPU 128 x 64 tiles in 8 warps, one program per SM: with the prefill kernel's
+    4 warps this kernel's main loop spills (44 local loads per step for sm_90 at D = 128 in
+    scripts/kernel_resources.py; none with 8). Not yet timed on a GPU."""
     if interpreting():
         return block_size, block_size, 4, 1, 1, 4
     block_q = max(block_size, 128)
     if D > 128 or dtype == torch.float32 or block_size > 64:
         return block_q, max(block_size, 64), 8, 2, 1, 64
-    return block_q, 64, 4, 2, 2, 64
+    return block_q, 64, 8, 2, 1, 32
 
 
 def decode_pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, first_query=0, block_q=None,
