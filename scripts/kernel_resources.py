@@ -30,6 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from seerattn_hf.ops.block_sparse_attn.triton import block_sparse_attn_fwd_kernel, default_config  # noqa: E402
+from seerattn_hf.ops.decode_pooled_attn.triton import decode_pooled_attn_fwd_kernel, decode_pooled_config  # noqa: E402
 from seerattn_hf.ops.pooled_attn.triton import fused_config, pooled_attn_fused_kernel  # noqa: E402
 
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -138,6 +139,15 @@ def main() -> None:
     compiled = compile_kernel(pooled_attn_fused_kernel, pointers, config, warps, stages, args.arch)
     rows.append({"kernel": "distillation target (one pass)", "num_warps": warps, "num_stages": stages, **config,
                  **resources(compiled)})
+
+    block_q, block_n, warps, stages, _, chunk = decode_pooled_config(bs, D, dtype)
+    config = dict(B=1, HQ=HQ, G=HQ // HKV, D=D, BLOCK_Q=block_q, BS=bs, BLOCK_N=block_n, CHUNK=chunk,
+                  HAS_OFFSETS=False, INPUT_PRECISION=precision)
+    pointers = {"q": element, "k": element, "v": element, "o": element, "target": "fp32", "scratch": "fp32",
+                "seq_offsets": "i32"}
+    compiled = compile_kernel(decode_pooled_attn_fwd_kernel, pointers, config, warps, stages, args.arch)
+    rows.append({"kernel": "decode distillation target (one pass)", "num_warps": warps, "num_stages": stages,
+                 **config, **resources(compiled)})
 
     print(f"\nsm_{args.arch}, head_dim {D}, {args.dtype}, {bs}-token blocks, {HQ} / {HKV} heads, Triton "
           f"{triton.__version__}\n")

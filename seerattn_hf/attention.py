@@ -15,6 +15,7 @@ import torch
 from .blocks import num_blocks, query_block_diagonals, valid_block_rows
 from .crossover import auto_min_sparse_length
 from .decode_attention import sparse_decode_step
+from .decode_distill import DecodeDistillRecord, DecodeDistillSettings, decode_distill_attention
 from .gate import SeerGate
 from .ops.block_sparse_attn import (
     fa4_block_sparse_attention,
@@ -66,6 +67,10 @@ class SeerLayerState:
     kept_blocks: torch.Tensor | None = None
     causal_blocks: torch.Tensor | None = None
     distill_record: DistillRecord | None = None
+    # What distillation mode trains ("prefill", "decode"), and how decode gates are distilled.
+    distill_kinds: tuple[str, ...] = ("prefill",)
+    decode_distill: DecodeDistillSettings | None = None
+    decode_distill_record: DecodeDistillRecord | None = None
     hooks: list = field(default_factory=list)
     # (path, backend) -> prompt calls of this layer that took them: the report of
     # `get_sparsity_stats` ("paths", "backends"); decoding steps are not counted.
@@ -297,14 +302,8 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
         diagonal = None
         row_valid = valid_block_rows(query_length, block_size, seq_offsets, batch, query.device)
         if state.mode == "distill":
-            captured_query, captured_key = _gate_inputs_or_fail(state)
-            with torch.no_grad():
-                output, target = pooled_attention(query, key, value, block_size, scale, seq_offsets,
-                                                  policy.backend)
-            gate_log_probs = gate(captured_query, captured_key, seq_offsets)
-            state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
-            state.count_call("distill", resolve_backend(policy.backend, query.device))
-            return output, None
+            return _distill(module, state, query, key, value, attention_mask, scale, seq_offsets, row_valid,
+                            scaling, dropout, kwargs)
         scores = _selection_scores(state, gate, query, key, value, scale, seq_offsets)
 
     if policy.mask_sharing == "kv_group":
@@ -321,6 +320,30 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     return output, None
 
 
+def _distill(module, state: SeerLayerState, query, key, value, attention_mask, scale, seq_offsets, row_valid,
+             scaling, dropout, kwargs):
+    """Distillation mode: dense attention, and the targets of the gate kinds being trained (each
+    layer's `DistillRecord` for prefill gates; for decode gates, the per-token block target of
+    `decode_distill_attention`)."""
+    policy, block_size, gate = state.policy, state.block_size, module.seer_gate
+    captured_query, captured_key = _gate_inputs_or_fail(state)
+    output = None
+    if "decode" in state.distill_kinds and hasattr(module, "seer_decode_gate"):
+        output, state.decode_distill_record = decode_distill_attention(
+            module, state.layer_idx, state.decode_distill, query, key, value, captured_query, captured_key,
+            scale, seq_offsets, policy.backend)
+    if "prefill" in state.distill_kinds:
+        with torch.no_grad():
+            output, target = pooled_attention(query, key, value, block_size, scale, seq_offsets, policy.backend)
+        gate_log_probs = gate(captured_query, captured_key, seq_offsets)
+        state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
+    state.count_call("distill", resolve_backend(policy.backend, query.device))
+    if output is None:  # decode distillation only, on a layer without a decode gate
+        return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                           dropout=dropout, **kwargs)
+    return output, None
+
+
 def prefill_path(state: SeerLayerState, query: torch.Tensor, key: torch.Tensor, attention_mask) -> str:
     """How a call (query `[B, HQ, TQ, D]`, key `[B, HKV, T, D]`) computes attention: "sparse" (a whole
     prompt), "distill", "sparse_continued" (a chunk of new tokens on top of a cache) or "dense"
@@ -333,12 +356,13 @@ def prefill_path(state: SeerLayerState, query: torch.Tensor, key: torch.Tensor, 
     if state.mode == "dense" or (continued and (query_length == 1 or state.mode != "sparse"
                                                 or state.policy.selector != "gate")):
         return "dense"
-    min_length = state.policy.min_sparse_length
-    if min_length == "auto" and state.mode == "sparse":
-        min_length = auto_min_sparse_length(state.policy, query.device, state.block_size, query.shape[1],
-                                            key.shape[1], query.shape[3], query.dtype)
-    if min_length != "auto" and key_length < min_length:
-        return "dense"
+    if state.mode == "sparse":  # distillation trains on every prompt, short ones too
+        min_length = state.policy.min_sparse_length
+        if min_length == "auto":
+            min_length = auto_min_sparse_length(state.policy, query.device, state.block_size, query.shape[1],
+                                                key.shape[1], query.shape[3], query.dtype)
+        if key_length < min_length:
+            return "dense"
     if not continued:
         return state.mode
     return "sparse_continued" if _keys_end_at_the_query(attention_mask) else "dense"

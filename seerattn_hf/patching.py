@@ -19,6 +19,7 @@ from .attention import MODES, SeerLayerState, seer_attention_forward
 from .attention_registry import attention_function, register_attention_function
 from .config import SeerAttentionConfig
 from .decode_attention import DecodeLayerState, cache_capture_hook
+from .decode_distill import DISTILL_KINDS, DecodeDistillSettings
 from .decode_gate import SeerDecodeGate
 from .gate import SeerGate, gate_weight_shapes
 from .gate_config import GATE_FIELDS, GateConfig
@@ -285,10 +286,11 @@ def update_sparsity_config(model: nn.Module, policy: SparsityPolicy | None = Non
     return model.seer_config
 
 
-def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of every gate, prefill and decode (what distillation trains)."""
+def gate_parameters(model: nn.Module, kinds: tuple[str, ...] = DISTILL_KINDS) -> list[nn.Parameter]:
+    """The parameters of every gate of the given kinds ("prefill", "decode"; default both), in layer order."""
+    attributes = [name for kind, name in (("prefill", "seer_gate"), ("decode", "seer_decode_gate")) if kind in kinds]
     return [parameter for attention in require_patched(model)
-            for gate in (attention.seer_gate, getattr(attention, "seer_decode_gate", None)) if gate is not None
+            for gate in (getattr(attention, name, None) for name in attributes) if gate is not None
             for parameter in gate.parameters()]
 
 
@@ -299,6 +301,33 @@ def pop_distill_records(model: nn.Module) -> list:
         if attention.seer_state.distill_record is not None:
             records.append(attention.seer_state.distill_record)
             attention.seer_state.distill_record = None
+    return records
+
+
+def set_distill_targets(model: nn.Module, kinds: tuple[str, ...] = ("prefill",),
+                        settings: DecodeDistillSettings | None = None) -> nn.Module:
+    """Which gates distillation mode trains on every gated layer: "prefill", "decode" or both (in
+    decode-only distillation, layers without a decode gate run the model's own attention)."""
+    if not kinds or not set(kinds) <= set(DISTILL_KINDS):
+        raise ValueError(f"distillation kinds: expected a non-empty subset of {list(DISTILL_KINDS)}, "
+                         f"found {list(kinds)}")
+    attentions = require_patched(model)
+    if "decode" in kinds and not any(hasattr(attention, "seer_decode_gate") for attention in attentions):
+        raise ValueError("decode distillation needs decode gates: patch the model with a SeerAttentionConfig "
+                         "whose decode_gate is set")
+    for attention in attentions:
+        attention.seer_state.distill_kinds = tuple(kinds)
+        attention.seer_state.decode_distill = settings
+    return model
+
+
+def pop_decode_distill_records(model: nn.Module) -> list:
+    """The `DecodeDistillRecord`s of the last distillation forward, in layer order, cleared after reading."""
+    records = []
+    for attention in require_patched(model):
+        if attention.seer_state.decode_distill_record is not None:
+            records.append(attention.seer_state.decode_distill_record)
+            attention.seer_state.decode_distill_record = None
     return records
 
 

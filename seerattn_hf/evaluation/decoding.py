@@ -33,10 +33,20 @@ class DecodeSetting:
 
     selector: str
     token_budget: int | None = None
+    # The share of the context the budget stands for, when it was given as one (labels only).
+    budget_fraction: float | None = None
 
     @property
     def label(self) -> str:
+        if self.budget_fraction is not None:
+            return f"{self.selector} budget=1/{round(1 / self.budget_fraction)}"
         return self.selector if self.token_budget is None else f"{self.selector} budget={self.token_budget}"
+
+
+def fraction_budget(fraction: float, context: int, block_size: int) -> int:
+    """A token budget of `fraction` of a `context`-token context, in whole blocks (at least two: the
+    token's own block and one more)."""
+    return max(2, round(fraction * context / block_size)) * block_size
 
 
 BASELINES = ("unpatched", "dense")
@@ -319,14 +329,15 @@ def decode_main(argv: list[str] | None = None) -> dict:
 
 @torch.inference_mode()
 def decoding_quality(model: nn.Module, input_ids: torch.Tensor, prompt_length: int, settings: list[DecodeSetting],
-                     greedy_tokens: int = 64) -> list[dict]:
-    """How sparse decoding changes what a patched model predicts, before any decode gate is trained.
+                     greedy_tokens: int = 64, on_row_done=None) -> list[dict]:
+    """How sparse decoding changes what a patched model predicts.
 
     input_ids: `[1, T]` one document. After a dense prefill of its first `prompt_length` tokens, the
     rest is fed one token per step, every step decoded with the setting (teacher forcing): the
     perplexity of those tokens. Then `greedy_tokens` are generated from the prompt alone: the share
     equal to the dense generation's and how many come before the first difference.
     Rows: `{"label", "ppl", "decode_density", "greedy_agreement", "greedy_prefix"}`; "dense" first.
+    `on_row_done(rows)` is called after each setting (partial results of a long run).
     """
     import math
 
@@ -358,21 +369,118 @@ def decoding_quality(model: nn.Module, input_ids: torch.Tensor, prompt_length: i
                      "ppl": math.exp(float(torch.stack(losses).mean())), "decode_density": density,
                      "greedy_agreement": sum(same) / len(same),
                      "greedy_prefix": same.index(False) if False in same else len(same)})
+        if on_row_done is not None:
+            on_row_done(rows)
     return rows
 
 
+@torch.inference_mode()
+def decode_retrieval(model: nn.Module, tokenizer, prompts, settings: list[DecodeSetting], block_size: int,
+                     max_new_tokens: int = 16) -> list[dict]:
+    """Needle retrieval answered by generation, every generated token decoded with the setting (the
+    prompt prefilled densely). prompts: `retrieval.RetrievalPrompt`s; a setting with `budget_fraction`
+    gets that share of each prompt's length. Rows: `{"label", "selector", "budget_fraction", "task",
+    "length", "accuracy", "decode_density", "samples"}`; "dense" first."""
+    import seerattn_hf as sa
+
+    from .retrieval import greedy_answer, is_correct
+
+    rows = []
+    for setting in [DecodeSetting("dense")] + [s for s in settings if s.selector not in ("dense", "unpatched")]:
+        cells: dict[tuple, dict] = {}
+        for prompt in prompts:
+            budget = setting.token_budget or 2048
+            if setting.budget_fraction is not None:
+                budget = fraction_budget(setting.budget_fraction, prompt.input_ids.shape[1], block_size)
+            sa.update_sparsity_config(model, decode_selector=None if setting.selector == "dense" else setting.selector,
+                                      decode_token_budget=budget)
+            sa.reset_sparsity_stats(model)
+            generated = greedy_answer(model, tokenizer, prompt.input_ids, max_new_tokens)
+            cell = cells.setdefault((prompt.task, prompt.length), {
+                "label": setting.label, "selector": setting.selector, "budget_fraction": setting.budget_fraction,
+                "task": prompt.task, "length": prompt.length, "samples": []})
+            cell["samples"].append({"depth": prompt.depth, "answer": prompt.answer, "generated": generated,
+                                    "correct": is_correct(prompt.answer, generated), "token_budget": budget,
+                                    "decode_density": sa.get_sparsity_stats(model)["decode_density"]})
+        for cell in cells.values():
+            samples = cell["samples"]
+            densities = [s["decode_density"] for s in samples if s["decode_density"] is not None]
+            rows.append({**cell, "accuracy": sum(s["correct"] for s in samples) / len(samples),
+                         "decode_density": sum(densities) / len(densities) if densities else None})
+    return rows
+
+
+def quality_markdown(summary: dict) -> str:
+    """The decode-quality tables: teacher-forced perplexity and greedy agreement, then retrieval."""
+    rows = summary["results"]
+    dense = next(r["ppl"] for r in rows if r["selector"] == "dense")
+    table = [[r["label"], r["token_budget"], r["decode_density"], r["ppl"], r["ppl"] - dense, r["greedy_agreement"],
+              r["greedy_prefix"]] for r in rows]
+    lines = [f"# Sparse decoding quality: {summary['model']}" + (f" with decode gates {summary['gates']}"
+                                                                  if summary.get("gates") else ""), "",
+             f"Prompt {summary['prompt_length']} tokens (dense prefill), {summary['continuation']} tokens decoded "
+             f"with teacher forcing; greedy: {summary['greedy_tokens']} tokens against dense. Budgets 1/n: that "
+             "share of the whole context (prompt and continuation), in blocks.", "",
+             markdown_table(["setting", "token budget", "density", "ppl", "ppl - dense", "greedy agreement",
+                             "tokens before the first difference"], table)]
+    retrieval = summary.get("retrieval") or []
+    if retrieval:
+        lines += ["", "## Retrieval answered by sparse decoding", "",
+                  f"Needle prompts (dense prefill), {summary['retrieval_samples']} per task and length; each "
+                  "generated token decoded with the setting, budgets a share of the prompt.", "",
+                  markdown_table(["setting", "task", "length", "accuracy", "density"],
+                                 [[r["label"], r["task"], r["length"], r["accuracy"], r["decode_density"]]
+                                  for r in retrieval])]
+    return "\n".join(lines)
+
+
+def plot_quality(rows: list[dict], path: Path) -> Path | None:
+    """Perplexity against the budget (share of the context) per selector, dense as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    dense = next(r["ppl"] for r in rows if r["selector"] == "dense")
+    axis.axhline(dense, color="black", linestyle="--", label="dense")
+    for selector in dict.fromkeys(r["selector"] for r in rows if r["selector"] != "dense"):
+        points = sorted((r["token_budget"], r["ppl"]) for r in rows if r["selector"] == selector)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=selector)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("token budget")
+    axis.set_ylabel("teacher-forced perplexity")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
 def quality_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Sparse decoding before trained decode gates: teacher-forced "
-                                     "perplexity of a document's continuation decoded token by token, and "
-                                     "greedy-generation agreement with dense decoding. Writes results.json "
-                                     "and results.md to --output.")
+    parser = argparse.ArgumentParser(description="Sparse decoding quality: teacher-forced perplexity of a "
+                                     "document's continuation decoded token by token, greedy-generation agreement "
+                                     "with dense decoding and (--retrieval_lengths) needle retrieval answered by "
+                                     "sparse decoding, for trained decode gates (--gates) against the oracle, "
+                                     "Quest and streaming. Writes results.json, results.md and decode_quality.png "
+                                     "to --output.")
     parser.add_argument("--model", default="embedded:smollm2-135m")
-    _add_decode_arguments(parser, "fp32", ["oracle", "quest", "streaming"], ["oracle", "quest", "streaming"],
-                          [256, 512, 1024])
+    parser.add_argument("--gates", default=None, help="adapter folder or Hub id holding decode gates (selector gate)")
+    _add_decode_arguments(parser, "fp32", ["oracle", "quest", "streaming"], ["gate", "oracle", "quest", "streaming"],
+                          [256, 512, 1024], nargs="*")
+    parser.add_argument("--budget_fractions", nargs="*", type=float, default=[],
+                        help="budgets as shares of the context, e.g. 0.0625 0.125 0.25 (beside --budgets)")
     parser.add_argument("--document", type=int, default=0, help="index of the embedded held-out play")
     parser.add_argument("--prompt_length", type=int, default=2048)
     parser.add_argument("--continuation", type=int, default=256, help="tokens decoded with teacher forcing")
     parser.add_argument("--greedy_tokens", type=int, default=64)
+    parser.add_argument("--retrieval_lengths", nargs="*", type=int, default=[],
+                        help="needle-retrieval prompt lengths (none: no retrieval)")
+    parser.add_argument("--retrieval_samples", type=int, default=4, help="prompts per task and length")
+    parser.add_argument("--retrieval_tasks", nargs="+", default=["niah_single"],
+                        choices=["niah_single", "niah_multikey"])
     return parser
 
 
@@ -381,26 +489,55 @@ def quality_main(argv: list[str] | None = None) -> dict:
     from seerattn_hf.data import load_default_corpus
     from seerattn_hf.models import load_model_and_tokenizer
 
-    args = quality_parser().parse_args(argv)
+    parser = quality_parser()
+    args = parser.parse_args(argv)
+    if "gate" in args.selectors and args.gates is None:
+        parser.error("--selectors gate: expected --gates, an adapter folder holding decode gates; found none")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
     # Prefill stays dense: what is measured is decoding alone.
-    sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=args.block_size, min_sparse_length=2**62))
+    dense_prefill = 2**62
+    if args.gates is not None:
+        sa.from_pretrained(args.gates, model, min_sparse_length=dense_prefill)
+        if model.seer_config.decode_gate is None:
+            parser.error(f"--gates: expected an adapter with decode gates; {args.gates} has none")
+        block_size = model.seer_config.decode_gate.block_size
+    else:
+        sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=args.block_size,
+                                                              min_sparse_length=dense_prefill))
+        block_size = args.block_size
     text = load_default_corpus("test")[args.document]["text"]
     ids = tokenizer(text[: 16 * (args.prompt_length + args.continuation)], return_tensors="pt").input_ids
     ids = ids[:, : args.prompt_length + args.continuation]
+    context = ids.shape[1]
     settings = [DecodeSetting(selector, budget) for selector in args.selectors for budget in args.budgets]
-    rows = decoding_quality(model, ids, args.prompt_length, settings, args.greedy_tokens)
-    summary = {"task": "decode_quality", "model": args.model, "prompt_length": args.prompt_length,
-               "continuation": ids.shape[1] - args.prompt_length, "greedy_tokens": args.greedy_tokens,
-               "environment": environment(), "results": rows}
-    table = [[r["label"], r["decode_density"], r["ppl"], r["greedy_agreement"], r["greedy_prefix"]] for r in rows]
-    markdown = (f"# Sparse decoding quality: {args.model}\n\nPrompt {args.prompt_length} tokens (dense prefill), "
-                f"{summary['continuation']} tokens decoded with teacher forcing; greedy: {args.greedy_tokens} tokens "
-                "against dense.\n\n" + markdown_table(["setting", "density", "ppl", "greedy agreement",
-                                                        "tokens before the first difference"], table))
-    write_json(output / "results.json", summary)
-    write_text(output / "results.md", markdown)
+    settings += [DecodeSetting(selector, fraction_budget(fraction, context, block_size), fraction)
+                 for selector in args.selectors for fraction in args.budget_fractions]
+    summary = {"task": "decode_quality", "model": args.model, "gates": args.gates, "prompt_length": args.prompt_length,
+               "continuation": context - args.prompt_length, "greedy_tokens": args.greedy_tokens,
+               "environment": environment()}
+
+    def save(rows: list[dict]) -> None:
+        summary["results"] = rows
+        write_json(output / "results.json", summary)
+        write_text(output / "results.md", quality_markdown(summary))
+
+    rows = decoding_quality(model, ids, args.prompt_length, settings, args.greedy_tokens, on_row_done=save)
+    plot_quality(rows, output / "decode_quality.png")
+    if args.retrieval_lengths:
+        from ..documents import load_document_records
+        from .retrieval import PromptBuilder, haystack_text
+
+        builder = PromptBuilder(tokenizer, haystack_text(load_document_records(None)))
+        prompts = [builder.build(task, length, (sample + 0.5) / args.retrieval_samples, sample)
+                   for task in args.retrieval_tasks for length in args.retrieval_lengths
+                   for sample in range(args.retrieval_samples)]
+        retrieval_settings = [DecodeSetting(s.selector, None, s.budget_fraction) for s in settings
+                              if s.budget_fraction is not None]
+        summary.update(retrieval_samples=args.retrieval_samples,
+                       retrieval=decode_retrieval(model, tokenizer, prompts, retrieval_settings, block_size))
+        save(rows)
+    markdown = quality_markdown(summary)
     print(markdown)
     return summary

@@ -18,6 +18,9 @@ import yaml
 from ..embedded import EMBEDDED_MODEL
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+GATE_TYPES = ("prefill", "decode", "both")
+# Prefill stays dense with an adapter whose prefill gates were not trained (gate_type "decode").
+DENSE_PREFILL_LENGTH = 2**62
 REPORT_TO = ("auto", "none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
              "trackio", "swanlab")
 
@@ -73,6 +76,11 @@ class DataArguments:
 
 @dataclass
 class GateArguments:
+    gate_type: str = field(default="prefill", metadata={
+        "help": "Which gates to train: 'prefill' (block-sparse prefill), 'decode' (SeerAttention-R decode gates, "
+                "which choose the KV blocks each generated token reads; prefill gates stay as initialised and "
+                "the adapter's prefill runs dense) or 'both'. block_size, gate_hidden_size, k_pooling and "
+                "layers apply to both kinds."})
     block_size: int = field(default=64, metadata={"help": "Tokens per attention block: 16, 32, 64 or 128."})
     gate_hidden_size: int = field(default=128, metadata={"help": "Width of the per-head gate projections."})
     layers: list[int] | None = field(default=None, metadata={
@@ -109,6 +117,9 @@ class TrainArguments:
     loss_scale: float = field(default=10.0, metadata={"help": "Factor applied to the sum of per-layer KL losses."})
     skip_first_query_blocks_fraction: float = field(default=0.25, metadata={
         "help": "Leave this fraction of the first query blocks out of the loss (they attend to few blocks)."})
+    decode_token_share: float = field(default=0.5, metadata={
+        "help": "Decode gates: the share of each sequence's last tokens whose decode targets the loss covers "
+                "(the paper: the last half)."})
     seed: int = field(default=42, metadata={"help": "Seed of gate initialisation and data order."})
     logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
     eval_steps: int = field(default=100, metadata={"help": "Evaluate gate quality every N steps (0: only at the end)."})
@@ -242,6 +253,9 @@ def validate(arguments: Arguments) -> None:
     _check(train.loss_scale > 0, "loss_scale", "a number > 0", train.loss_scale)
     _check(0.0 <= train.skip_first_query_blocks_fraction < 1.0, "skip_first_query_blocks_fraction",
            "a number in [0, 1)", train.skip_first_query_blocks_fraction)
+    _check(gate.gate_type in GATE_TYPES, "gate_type", f"one of {list(GATE_TYPES)}", gate.gate_type)
+    _check(0.0 < train.decode_token_share <= 1.0, "decode_token_share", "a number in (0, 1]",
+           train.decode_token_share)
     _check(all(0.0 < d <= 1.0 for d in gate.eval_densities), "eval_densities", "numbers in (0, 1]",
            gate.eval_densities)
     _check(all(0.0 <= t < 1.0 for t in gate.eval_thresholds or []), "eval_thresholds", "numbers in [0, 1)",
@@ -253,15 +267,24 @@ def validate(arguments: Arguments) -> None:
 
 def gate_config(arguments: Arguments):
     """The `SeerAttentionConfig` the run trains (sparse-prefill fields at their defaults, threshold from
-    the arguments)."""
+    the arguments; with decode gates, decoding selects with them)."""
     from ..config import SeerAttentionConfig
     from ..validation import InvalidSetting
 
+    from ..decode_gate import DecodeGateConfig
+
     gate = arguments.gate
     try:
+        decode_gate, decode_policy = None, {}
+        if gate.gate_type != "prefill":
+            decode_gate = DecodeGateConfig(block_size=gate.block_size, gate_hidden_size=gate.gate_hidden_size,
+                                           k_pooling=tuple(gate.k_pooling), layers=gate.layers)
+            decode_policy = {"decode_selector": "gate"}
+            if gate.gate_type == "decode":
+                decode_policy["min_sparse_length"] = DENSE_PREFILL_LENGTH
         return SeerAttentionConfig(block_size=gate.block_size, gate_hidden_size=gate.gate_hidden_size,
                                    q_pooling=gate.q_pooling, k_pooling=gate.k_pooling, layers=gate.layers,
-                                   threshold=gate.threshold,
-                                   base_model_name_or_path=arguments.model.model_name_or_path)
+                                   threshold=gate.threshold, decode_gate=decode_gate,
+                                   base_model_name_or_path=arguments.model.model_name_or_path, **decode_policy)
     except InvalidSetting as error:
         raise ValueError(f"--{error.field}: expected {error.expected}, found {error.found!r}") from None

@@ -28,9 +28,11 @@ def load_documents(data: DataArguments, split: str):
 
 
 def iter_texts(documents, text_column: str, batch_size: int) -> Iterator[list[str]]:
-    """Batches of non-empty document texts."""
+    """Batches of non-empty document texts. A column holding lists of texts (e.g. the several reasoning
+    traces of one problem in OpenR1-Math's `generations`) gives one document per text."""
     for batch in documents.iter(batch_size=batch_size):
-        texts = [text for text in batch[text_column] if isinstance(text, str) and text.strip()]
+        values = [item for value in batch[text_column] for item in (value if isinstance(value, list) else [value])]
+        texts = [text for text in values if isinstance(text, str) and text.strip()]
         if texts:
             yield texts
 

@@ -11,13 +11,14 @@ from ..evaluation.perplexity import batch_token_nll
 from ..evaluation.reports import markdown_table
 from ..patching import (
     get_sparsity_stats,
+    pop_decode_distill_records,
     pop_distill_records,
     reset_sparsity_stats,
     set_attention_mode,
     update_sparsity_config,
 )
 from ..policy import setting_label
-from .metrics import GateQuality
+from .metrics import DecodeGateQuality, GateQuality
 
 
 @torch.no_grad()
@@ -35,6 +36,21 @@ def gate_quality(model: nn.Module, sequences: torch.Tensor, batch_size: int, den
     for chunk in sequences.split(batch_size):
         forward(input_ids=chunk.long().to(device), use_cache=False, logits_to_keep=1)
         quality.add(pop_distill_records(model))
+    return quality.result()
+
+
+@torch.no_grad()
+def decode_gate_quality(model: nn.Module, sequences: torch.Tensor, batch_size: int, shares=(1 / 16, 1 / 8, 1 / 4),
+                        forward: nn.Module | None = None) -> dict:
+    """`DecodeGateQuality` metrics of a patched model in decode distillation mode on `sequences`
+    (`[N, T]` token ids). `forward`: the module to call, default `model`."""
+    forward = model if forward is None else forward
+    set_attention_mode(model, "distill")
+    quality = DecodeGateQuality(shares)
+    device = next(model.parameters()).device
+    for chunk in sequences.split(batch_size):
+        forward(input_ids=chunk.long().to(device), use_cache=False, logits_to_keep=1)
+        quality.add(pop_decode_distill_records(model))
     return quality.result()
 
 

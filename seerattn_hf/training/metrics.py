@@ -119,3 +119,45 @@ class GateQuality:
         for name, kept in self.kept.items():
             values[f"density@{name}"] = kept / self.causal if self.causal else None
         return values
+
+
+def decode_recall(target: torch.Tensor, gate_log_probs: torch.Tensor, rows: torch.Tensor, share: float) -> torch.Tensor:
+    """Mean over KV heads and `rows` of the decode target's mass in the gate's top `ceil(share * n)` of a
+    token's n candidate blocks (at least one) (a scalar). target, gate_log_probs: `[B, HKV, TQ, NB]`;
+    rows: `[B, TQ]`."""
+    order = gate_log_probs.argsort(dim=-1, descending=True)
+    kept_mass = target.gather(-1, order).cumsum(dim=-1)
+    candidates = gate_log_probs.isfinite().sum(dim=-1, keepdim=True)
+    kept = (candidates * share).ceil().long().clamp(min=1, max=target.shape[-1])
+    recall = kept_mass.gather(-1, kept - 1).squeeze(-1)  # [B, HKV, TQ]
+    weights = rows[:, None].expand_as(recall).to(recall.dtype)
+    return (recall * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+class DecodeGateQuality:
+    """Accumulates the decode gates' KL and recall over layers and batches: `add(records)` after each
+    decode distillation forward (records with their targets); `result()` gives `{"decode_kl",
+    "decode_kl_per_layer", "decode_recall@share=s"}`, recall being the share of each token's target
+    mass in the blocks its gate ranks first, when it keeps a share s of its candidate blocks."""
+
+    def __init__(self, shares=(1 / 16, 1 / 8, 1 / 4)):
+        self.shares = tuple(shares)
+        self.kl: dict[int, list[float]] = {}
+        self.recall = {share: [] for share in self.shares}
+
+    @torch.no_grad()
+    def add(self, records) -> None:
+        for record in records:
+            self.kl.setdefault(record.layer_idx, []).append(float(record.kl))
+            for share in self.shares:
+                self.recall[share].append(float(decode_recall(record.target, record.gate_log_probs, record.rows,
+                                                              share)))
+
+    def result(self) -> dict:
+        if not self.kl:
+            return {}
+        per_layer = {layer: sum(values) / len(values) for layer, values in sorted(self.kl.items())}
+        values = {"decode_kl": sum(per_layer.values()) / len(per_layer), "decode_kl_per_layer": per_layer}
+        for share, recalls in self.recall.items():
+            values[f"decode_recall@share={share:g}"] = sum(recalls) / len(recalls)
+        return values

@@ -2,7 +2,11 @@
 
 The base model is frozen; in distillation mode each gated layer returns the dense attention output
 and records its block max-pooled attention map (the target) next to the gate's log-probabilities.
-The loss is `loss_scale * sum over layers of KL(target || gate)`; only gate parameters are trained.
+The loss is `loss_scale * sum over layers of KL(target || gate)`; only the gates of `gate_type` are
+trained. Decode gates (`decode_distill.py`) are trained layer by layer: each layer's loss is
+back-propagated inside the forward, before the next layer's target exists (their targets are
+`[B, HKV, T, NB]`), so those runs call the model unwrapped and average the gates' gradients over the
+processes themselves.
 
 Run folder (`output_dir`):
     seer_gates.safetensors, seer_config.json, README.md   the final gate adapter (`from_pretrained(output_dir)`)
@@ -21,13 +25,14 @@ from pathlib import Path
 import torch
 
 from ..adapter import push_gates_to_hub, save_gates
-from ..patching import (apply_seer_attention, gate_parameters, patched_attention_modules, pop_distill_records,
-                        set_attention_mode)
+from ..decode_distill import DecodeDistillSettings
+from ..patching import (apply_seer_attention, gate_parameters, patched_attention_modules, pop_decode_distill_records,
+                        pop_distill_records, set_attention_mode, set_distill_targets)
 from ..utils import atomic_write_text
 from .arguments import Arguments, gate_config
 from .checkpointing import TrainerState, load_checkpoint, load_checkpoint_gates, resolve_checkpoint, save_checkpoint
 from .data import PackedSequences, epoch_order, prepare_packed_data
-from .evaluation import format_perplexity_report, gate_quality, sparse_perplexity_report
+from .evaluation import decode_gate_quality, format_perplexity_report, gate_quality, sparse_perplexity_report
 from .metrics import distillation_loss
 from .model_loading import check_before_loading, load_model_and_tokenizer
 from .run_log import LOG_FILE, JsonLog, peak_memory_gib, tracker_config, tracker_names, tracker_scalars
@@ -35,12 +40,22 @@ from .run_log import LOG_FILE, JsonLog, peak_memory_gib, tracker_config, tracker
 logger = logging.getLogger(__name__)
 
 
+def trained_kinds(arguments: Arguments) -> tuple[str, ...]:
+    """The gate kinds a run trains ("prefill", "decode")."""
+    return {"prefill": ("prefill",), "decode": ("decode",), "both": ("prefill", "decode")}[arguments.gate.gate_type]
+
+
 def add_gates(model, arguments: Arguments) -> list[torch.nn.Parameter]:
     """Patch the model with freshly initialised gates (seed first for identical gates on every rank) in
-    distillation mode; returns the gate parameters, the only ones requiring grad."""
+    distillation mode of the trained kinds; returns their parameters, the only ones requiring grad
+    (gates of another kind stay frozen as initialised)."""
     apply_seer_attention(model, gate_config(arguments))
     set_attention_mode(model, "distill")
-    gates = gate_parameters(model)
+    kinds = trained_kinds(arguments)
+    set_distill_targets(model, kinds, DecodeDistillSettings(arguments.train.decode_token_share))
+    for parameter in gate_parameters(model):
+        parameter.requires_grad_(False)
+    gates = gate_parameters(model, kinds)
     for parameter in gates:
         parameter.requires_grad_(True)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -80,6 +95,8 @@ class Trainer:
         check_before_loading(arguments)
         model, tokenizer = load_model_and_tokenizer(arguments, accelerator.mixed_precision, accelerator.device)
         add_gates(model, arguments)
+        self.kinds = trained_kinds(arguments)
+        self.layerwise = "decode" in self.kinds
         if self.resume_path is not None:
             load_checkpoint_gates(self.resume_path, model)
 
@@ -98,11 +115,12 @@ class Trainer:
             # `_average_gate_gradients`. Sharded with their decoder layer they would get no gradient:
             # their loss leaves the layer through the distillation records, not the layer's outputs,
             # so FSDP2's backward hooks (on module inputs and outputs) never reduce them.
-            accelerator.state.fsdp_plugin.ignored_modules = [attention.seer_gate
-                                                             for attention in patched_attention_modules(model)]
+            accelerator.state.fsdp_plugin.ignored_modules = [
+                gate for attention in patched_attention_modules(model)
+                for gate in (attention.seer_gate, getattr(attention, "seer_decode_gate", None)) if gate is not None]
         # Model and optimizer are prepared together: FSDP2 replaces the base parameters by sharded ones
         # (DTensors) and accelerate then points the optimizer at the parameters it holds.
-        optimizer = torch.optim.AdamW(gate_parameters(model), lr=train.learning_rate, weight_decay=train.weight_decay,
+        optimizer = torch.optim.AdamW(gate_parameters(model, self.kinds), lr=train.learning_rate, weight_decay=train.weight_decay,
                                       betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
         self.base = accelerator.unwrap_model(self.model)
@@ -112,6 +130,10 @@ class Trainer:
 
         self.log = JsonLog(self.output_dir / LOG_FILE, accelerator.is_main_process)
         self.step = 0
+        # Decode layers hand their losses to `_backward` during training forwards (not evaluations).
+        self.decode_settings = {training: DecodeDistillSettings(train.decode_token_share,
+                                                                self._backward_layer if training else None)
+                                for training in (True, False)}
 
     def save_checkpoint(self) -> Path:
         train = self.arguments.train
@@ -130,15 +152,29 @@ class Trainer:
         arguments = self.arguments
         if not len(self.data.eval):
             return {}
-        metrics = gate_quality(self.base, self.data.eval, arguments.train.per_device_eval_batch_size,
-                               arguments.gate.eval_densities, self._eval_thresholds(), forward=self.model)
+        metrics = {}
+        batch_size = arguments.train.per_device_eval_batch_size
+        if "decode" in self.kinds:
+            set_distill_targets(self.base, ("decode",), self.decode_settings[False])
+            metrics.update(decode_gate_quality(self.base, self.data.eval, batch_size, forward=self.base))
+        if "prefill" in self.kinds:
+            set_distill_targets(self.base, ("prefill",))
+            metrics.update(gate_quality(self.base, self.data.eval, batch_size, arguments.gate.eval_densities,
+                                        self._eval_thresholds(), forward=self.model))
+        set_distill_targets(self.base, self.kinds, self.decode_settings[True])
         self.log.write({"step": self.step, "eval": metrics})
         self.accelerator.log(tracker_scalars("eval/", metrics), step=self.step)
         if self.accelerator.is_main_process:
             recalls = ", ".join(f"{k[len('recall@'):]}: {v:.3f}" for k, v in metrics.items() if k.startswith("recall@"))
             densities = ", ".join(f"{k[len('density@'):]}: {v:.3f}" for k, v in metrics.items()
                                   if k.startswith("density@") and v is not None)
-            logger.info("step %d eval: kl %.4f, recall %s; density %s", self.step, metrics["kl"], recalls, densities)
+            if "kl" in metrics:
+                logger.info("step %d eval: kl %.4f, recall %s; density %s", self.step, metrics["kl"], recalls,
+                            densities)
+            if "decode_kl" in metrics:
+                decode = ", ".join(f"{k[len('decode_recall@'):]}: {v:.3f}" for k, v in metrics.items()
+                                   if k.startswith("decode_recall@"))
+                logger.info("step %d eval: decode kl %.4f, recall %s", self.step, metrics["decode_kl"], decode)
         return metrics
 
     def _eval_thresholds(self) -> list[float]:
@@ -165,16 +201,14 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         layer_sum, micro_steps, grad_norm = None, 0, None
         final_eval: dict = {}
+        set_distill_targets(self.base, self.kinds, self.decode_settings[True])
         for batch in loader:
             with accelerator.accumulate(self.model):
-                self.model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
-                loss, per_layer = distillation_loss(pop_distill_records(self.base), train.loss_scale,
-                                                    train.skip_first_query_blocks_fraction)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and self._is_fsdp():
+                per_layer = self._layerwise_step(batch) if self.layerwise else self._step(batch)
+                if accelerator.sync_gradients and (self._is_fsdp() or (self.layerwise and accelerator.num_processes > 1)):
                     self._average_gate_gradients()
                 if accelerator.sync_gradients and train.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(gate_parameters(self.base), train.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(gate_parameters(self.base, self.kinds), train.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             layer_sum = per_layer if layer_sum is None else layer_sum + per_layer
@@ -214,14 +248,50 @@ class Trainer:
         progress.close()
         return self._finish(final_eval)
 
+    def _step(self, batch) -> torch.Tensor:
+        """Forward and backward of prefill distillation; returns the per-layer KLs `[L]` (detached)."""
+        train = self.arguments.train
+        self.model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
+        loss, per_layer = distillation_loss(pop_distill_records(self.base), train.loss_scale,
+                                            train.skip_first_query_blocks_fraction)
+        self.accelerator.backward(loss)
+        return per_layer
+
+    def _layerwise_step(self, batch) -> torch.Tensor:
+        """Forward of a run that trains decode gates: each decode layer back-propagates its own loss
+        as the forward reaches it (`_backward_layer`), prefill gates (gate_type "both") theirs after
+        it. Called unwrapped: the gradients never pass through DDP's hooks (`_average_gate_gradients`
+        reduces them). Returns the per-layer KLs, prefill layers first, `[L]` (detached)."""
+        train = self.arguments.train
+        self.base(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
+        per_layer = torch.stack([record.kl for record in pop_decode_distill_records(self.base)])
+        if "prefill" in self.kinds:
+            loss, prefill = distillation_loss(pop_distill_records(self.base), train.loss_scale,
+                                              train.skip_first_query_blocks_fraction)
+            self._backward(loss)
+            per_layer = torch.cat((prefill, per_layer))
+        return per_layer
+
+    def _backward_layer(self, kl: torch.Tensor) -> None:
+        self._backward(self.arguments.train.loss_scale * kl)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """What `accelerator.backward` does to a loss (accumulation average, fp16 loss scaling) without
+        its DDP wrapper."""
+        loss = loss / self.arguments.train.gradient_accumulation_steps
+        if self.accelerator.scaler is not None:
+            loss = self.accelerator.scaler.scale(loss)
+        loss.backward()
+
     def _is_fsdp(self) -> bool:
         from accelerate.utils import DistributedType
 
         return self.accelerator.distributed_type == DistributedType.FSDP
 
     def _average_gate_gradients(self) -> None:
-        """Under FSDP the gates are replicated, outside FSDP (see __init__): average their gradients
-        over the processes, as DDP would, in one all-reduce of a flat buffer."""
+        """Under FSDP the gates are replicated, outside FSDP (see __init__), and decode gates train
+        outside DDP (`_layerwise_step`): average their gradients over the processes, as DDP would, in
+        one all-reduce of a flat buffer."""
         import torch.distributed as dist
 
         gates = [p for p in gate_parameters(self.base) if p.grad is not None]
@@ -241,7 +311,7 @@ class Trainer:
             save_gates(self.base, self.output_dir)
         if accelerator.is_main_process and arguments.train.push_to_hub:
             summary["hub_commit"] = push_gates_to_hub(self.base, arguments.train.push_to_hub)
-        if arguments.train.eval_after_training and len(self.data.eval):
+        if arguments.train.eval_after_training and len(self.data.eval) and "prefill" in self.kinds:
             # Every rank runs it (FSDP forwards need all ranks); the main process reports.
             rows = sparse_perplexity_report(self.base, self.data.eval, arguments.gate.eval_densities,
                                             self._eval_thresholds(), arguments.train.per_device_eval_batch_size,

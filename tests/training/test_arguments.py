@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from training_helpers import write_tiny_checkpoint
 
-from seerattn_hf.training.arguments import build_parser, field_names, parse_arguments
+from seerattn_hf.training.arguments import build_parser, field_names, gate_config, parse_arguments
 from seerattn_hf.training.cli import main
 from seerattn_hf.embedded import resolve_model_path
 from seerattn_hf.training.checkpointing import resolve_checkpoint
@@ -81,6 +81,24 @@ def test_paper_recipes_match_method():
         assert arguments.data.seq_len == 65536
         assert train.per_device_train_batch_size * train.gradient_accumulation_steps == 16
         assert (train.learning_rate, train.warmup_steps, train.max_steps) == (1e-3, 20, 500)
+
+
+def test_decode_paper_recipe_matches_method():
+    arguments = parse_arguments(["--config", str(CONFIGS / "qwen3-8b-decode.yaml")])
+    train = arguments.train
+    assert arguments.gate.gate_type == "decode" and train.decode_token_share == 0.5
+    assert arguments.data.seq_len == 32768 and arguments.data.dataset_name == "open-r1/OpenR1-Math-220k"
+    assert train.per_device_train_batch_size * train.gradient_accumulation_steps == 16
+    assert (train.learning_rate, train.warmup_steps, train.max_steps, train.loss_scale) == (1e-3, 20, 800, 10.0)
+    config = gate_config(arguments)
+    assert config.decode_gate.block_size == 64 and config.policy.decode_selector == "gate"
+
+
+def test_gate_type_and_decode_share_are_checked():
+    with pytest.raises(ValueError, match="--gate_type: expected one of"):
+        parse_arguments(["--gate_type", "both_kinds"])
+    with pytest.raises(ValueError, match="--decode_token_share: expected a number in"):
+        parse_arguments(["--gate_type", "decode", "--decode_token_share", "0"])
 
 
 def test_help_documents_every_field():

@@ -163,3 +163,15 @@ def test_embedded_corpus_holds_out_the_test_plays():
     data = DataArguments(seq_len=256, eval_num_sequences=2)
     packed = prepare_packed_data(data, character_tokenizer(), num_train_sequences=3, seed=0)
     assert packed.train.shape == (3, 256) and packed.eval.shape == (2, 256)
+
+
+def test_a_column_of_text_lists_gives_one_document_per_text(tmp_path):
+    """OpenR1-Math keeps several reasoning traces of one problem in a list (`generations`)."""
+    from seerattn_hf.training.data import iter_texts
+
+    path = tmp_path / "traces.jsonl"
+    rows = [{"generations": ["first trace", "second trace"]}, {"generations": ["", "third trace"]}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    documents = load_documents(DataArguments(data_files=[str(path)], text_column="generations"), "train")
+    texts = [text for batch in iter_texts(documents, "generations", 8) for text in batch]
+    assert texts == ["first trace", "second trace", "third trace"]

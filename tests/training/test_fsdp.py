@@ -91,3 +91,22 @@ def test_fsdp2_two_processes(tiny_checkpoint, jsonl_corpus, tmp_path):
     reference = gates(single)
     for key in reference:  # the gates learn as in one process: their gradients are averaged
         assert torch.allclose(expected[key], reference[key], rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_decode_gates_like_one_process(tiny_checkpoint, jsonl_corpus, tmp_path):
+    config = tmp_path / "fsdp2.yaml"
+    config.write_text(FSDP2_ON_CPU, encoding="utf-8")
+    settings = {"per_device_train_batch_size": 1, "max_steps": 3, "save_steps": 0, "eval_steps": 0,
+                "gate_type": "decode"}
+    full = tmp_path / "fsdp"
+    launch(config, tiny_run_args(tiny_checkpoint, jsonl_corpus, full, **settings), 29543)
+    hashes = [(full / f"gates-rank{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert hashes[0][:2] == ["2", "2"] and hashes[0] == hashes[1]
+
+    single = tmp_path / "single"
+    run(tiny_run_args(tiny_checkpoint, jsonl_corpus, single, **{**settings, "per_device_train_batch_size": 2}))
+    expected, reference = gates(full), gates(single)
+    assert any(".decode." in key for key in reference)
+    for key in reference:
+        assert torch.allclose(expected[key], reference[key], rtol=1e-4, atol=1e-5), key
