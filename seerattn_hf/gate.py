@@ -33,6 +33,10 @@ def gate_weight_shapes(config: GateConfig, num_heads: int, num_kv_heads: int,
     return shapes
 
 
+# Longest prompt (key positions) whose gate projection runs fused; longer ones take the torch path.
+FUSED_PROJECTION_MAX_TOKENS = 16384
+
+
 class SeerGate(nn.Module):
     """The gate of one attention layer.
 
@@ -80,7 +84,14 @@ class SeerGate(nn.Module):
         dtype = query.dtype if self.compute_dtype == "model" else torch.float32
         diagonal, _ = query_block_diagonals(query_length, key_length, self.block_size, seq_offsets, batch,
                                             query.device)
-        project = triton_gate_projection if fused and dtype == torch.float32 else naive_gate_projection
+        # The fused projection wins on short prompts only (H200, 8B shape: 0.34 against 0.98 ms at 8k,
+        # 1.40 against 1.05 ms at 32k: scripts/bench_gate.py); it computes in float32 from float32 weights
+        # (a gate cast with its model, `model.to(torch.bfloat16)`, is read in float32 here).
+        if fused and dtype == torch.float32 and key_length <= FUSED_PROJECTION_MAX_TOKENS:
+            def project(x, weight, *args):
+                return triton_gate_projection(x, weight.float(), *args)
+        else:
+            project = naive_gate_projection
         if self.q_weight is None:
             gate_q = pool_query_blocks(query, self.q_pooling, self.block_size, key_length, seq_offsets)
             gate_q = gate_q.to(dtype).transpose(1, 2)

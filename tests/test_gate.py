@@ -195,6 +195,27 @@ def test_fused_scoring_matches_the_torch_path(layout, probabilities, monkeypatch
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_projection_reads_weights_cast_with_the_model_and_leaves_long_prompts_to_torch(monkeypatch):
+    import seerattn_hf.gate as gate_module
+
+    calls = []
+    kernel = gate_module.triton_gate_projection
+    monkeypatch.setattr(gate_module, "triton_gate_projection",
+                        lambda *args: calls.append(args[1].dtype) or kernel(*args))
+    config = SeerAttentionConfig(block_size=16, gate_hidden_size=32)
+    gate = SeerGate(4, 2, 16, config, _inv_freq(32)).to(torch.bfloat16)  # as `model.to(torch.bfloat16)` does
+    query, key = torch.randn(1, 70, 4, 16), torch.randn(1, 70, 2, 16)
+    with torch.no_grad():
+        fused = gate(query, key, probabilities=True, fused=True)
+        expected = gate(query, key, probabilities=True)
+        assert calls == [torch.float32, torch.float32], "the kernel computes from float32 weights"
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+        calls.clear()
+        monkeypatch.setattr(gate_module, "FUSED_PROJECTION_MAX_TOKENS", 64)
+        torch.testing.assert_close(gate(query, key, probabilities=True, fused=True), expected)
+    assert calls == [], "a prompt longer than FUSED_PROJECTION_MAX_TOKENS projects through torch"
+
+
 def test_the_fused_path_leaves_training_to_torch():
     gate = SeerGate(2, 1, 16, SeerAttentionConfig(block_size=16, gate_hidden_size=32), _inv_freq(32))
     log_probs = gate(torch.randn(1, 40, 2, 16), torch.randn(1, 40, 1, 16), fused=True)

@@ -44,6 +44,9 @@ def naive_block_sparse_attention(
     B, HQ, TQ, D = q.shape
     HKV, HM, T = k.shape[1], block_idx.shape[1], k.shape[2]
     rows = query_block_rows(TQ, T, block_size, seq_offsets)
+    if HM not in (HQ, HKV) or HQ % HKV:
+        raise ValueError(f"expected block lists for each of the {HQ} query heads or each of the {HKV} KV heads "
+                         f"(HQ a multiple of HKV); found {HM} heads of lists")
     if TQ > T or block_idx.shape[2] != rows:
         raise ValueError(f"expected q of at most T={T} positions and block_idx [B, HM, {rows}, K]; found "
                          f"q {tuple(q.shape)}, block_idx {tuple(block_idx.shape)}")
