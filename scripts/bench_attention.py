@@ -225,8 +225,9 @@ def main():
                 print(f"# cudnn_bsa_q failed: {type(error).__name__}: {str(error)[:300]}")
         if not fa4_missing:
             nb = triton.cdiv(T, bs)
-            every = torch.arange(nb, device=dev, dtype=torch.int32).expand(1, 1, nb, nb)
-            ref = naive_block_sparse_attention(q, k, v, every, torch.arange(1, nb + 1, device=dev).view(1, 1, nb), bs)
+            every = torch.arange(nb, device=dev, dtype=torch.int32).expand(q.shape[0], k.shape[1], nb, nb)
+            ref = naive_block_sparse_attention(q, k, v, every,
+                                               torch.arange(1, nb + 1, device=dev).expand(q.shape[0], k.shape[1], nb), bs)
             records.append(dict(name="fa4_dense", check="rel_rms", seqlen=T,
                                 value=rel_rms(fa4_dense_attention(q, k, v), ref)))
             print(f"check {'fa4_dense':24s} rel_rms {records[-1]['value']:.2e}", flush=True)
