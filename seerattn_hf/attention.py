@@ -100,11 +100,12 @@ class SeerLayerState:
 
 
 # backend="auto" on CUDA, block-sparse prefill: the configurations (compute-capability major, block
-# size, mask sharing) where FlashAttention-4's block-sparse kernel beats our Triton kernel
-# (scripts/bench_attention.py on the H200, masks per query head: 12-15% faster at 128-token blocks,
-# 10-23% slower at 64). Every other configuration takes Triton. Dense passes take FA4 wherever it can
-# run (7-16% faster than cuDNN on the H200).
-AUTO_FA4_SPARSE = {(9, 128, "head"), (9, 128, "kv_group")}
+# size, mask sharing) where FlashAttention-4's block-sparse kernel beats our Triton kernel, each with
+# the prompt length (key positions) from which it does. scripts/bench_attention.py on the H200, density
+# 0.1, ms ours / FA4: 128-token blocks 0.25 / 0.38-0.43 at 8k, 2.03 / 1.72 at 32k, 27.45 / 24.66-25.02
+# at 128k (both mask sharings); at 64-token blocks ours is 10-23% faster at every length. Every other
+# configuration takes Triton. Dense passes take FA4 wherever it can run (7-24% faster than cuDNN).
+AUTO_FA4_SPARSE = {(9, 128, "head"): 32768, (9, 128, "kv_group"): 32768}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -134,7 +135,8 @@ def sparse_backend(backend: str, query: torch.Tensor, key: torch.Tensor, block_i
         return "fa4" if fa4_takes else "triton"
     sharing = "head" if block_idx.shape[1] == query.shape[1] else "kv_group"
     if (backend == "auto" and query.is_cuda and fa4_takes
-            and (compute_capability(query.device)[0], block_size, sharing) in AUTO_FA4_SPARSE
+            and key.shape[2] >= AUTO_FA4_SPARSE.get((compute_capability(query.device)[0], block_size, sharing),
+                                                    math.inf)
             and fa4_unsupported_reason(query.device, query.dtype, query.shape[-1], block_size) is None):
         return "fa4"
     return resolve_backend(backend, query.device)

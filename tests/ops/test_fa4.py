@@ -84,8 +84,8 @@ def test_sparse_backend_table(monkeypatch, major, block_size, padded, continued,
     monkeypatch.setattr(attention, "compute_capability", lambda device: (major, 0))
     monkeypatch.setattr(fa4_module, "_import_error", lambda: None if installed else "ImportError: no flash_attn")
     query = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.bfloat16,
-                            shape=(1, 32, 4096, 128))
-    key = SimpleNamespace(shape=(1, 8, 8192 if continued else 4096, 128))
+                            shape=(1, 32, 32768, 128))
+    key = SimpleNamespace(shape=(1, 8, 40000 if continued else 32768, 128))
     offsets = torch.tensor([3]) if padded else None
     for list_heads in (32, 8):  # a mask per query head, one per KV group
         block_idx = torch.zeros(1, list_heads, 1, 1)
@@ -144,6 +144,20 @@ def test_prefill_bench_adds_fa4_baselines_and_compares_with_the_fastest_dense(mo
     assert "| 8192 | gate d=0.1 [auto] | 1 | 0.1 | 2 |" in markdown, "speed-up 0.2 s / 0.1 s, not 0.4 / 0.1"
 
 
+def test_auto_takes_fa4_only_from_the_measured_prompt_length(monkeypatch):
+    monkeypatch.setattr(attention, "compute_capability", lambda device: (9, 0))
+    monkeypatch.setattr(fa4_module, "compute_capability", lambda device: (9, 0))
+    monkeypatch.setattr(fa4_module, "_import_error", lambda: None)
+    floor = attention.AUTO_FA4_SPARSE[(9, 128, "head")]
+    block_idx = torch.zeros(1, 32, 1, 1)
+    for length, expected in ((floor - 1, "triton"), (floor, "fa4")):
+        query = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.bfloat16,
+                                shape=(1, 32, length, 128))
+        key = SimpleNamespace(shape=(1, 8, length, 128))
+        assert attention.sparse_backend("auto", query, key, block_idx, 128, None) == expected
+        assert attention.sparse_backend("fa4", query, key, block_idx, 128, None) == "fa4"  # forced: any length
+
+
 def fa4_importable() -> bool:
     return torch.cuda.is_available() and fa4_module._import_error() is None
 
@@ -199,7 +213,9 @@ def test_patched_model_takes_fa4_where_the_table_says_gpu(block_size, monkeypatc
     ids = torch.randint(1, 96, (1, 1000), device="cuda")
     sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=block_size, sparsity_method="density",
                                                          density=0.3))
-    auto_sparse = "fa4" if block_size == 128 else "triton"  # the H200 row of the table
+    # The H200 rows of the table, from any length here (the prompt is shorter than their floor).
+    monkeypatch.setattr(attention, "AUTO_FA4_SPARSE", dict.fromkeys(attention.AUTO_FA4_SPARSE, 0))
+    auto_sparse = "fa4" if block_size == 128 else "triton"
     # Each backend replays the block lists of the first run: a tie broken the other way by a bf16
     # difference in an earlier layer would otherwise change a list, and with it the logits.
     recorded, replay = [], iter(())
