@@ -7,7 +7,9 @@ kept blocks. Sparse is faster from the crossover
 
     T* = sqrt(fixed_s / (dense_s_per_token2 * (1 - sparse_slope * density)))
 
-and never when `sparse_slope * density >= 1`. The model of a device comes from, in order:
+and never when `sparse_slope * density >= 1`. Where FlashAttention-4 takes the dense passes
+(`backend` "auto" or "fa4" with FA4 installed), dense costs `fa4_dense_ratio` of that, and the saving
+is `fa4_dense_ratio - sparse_slope * density`. The model of a device comes from, in order:
 1. a measurement cached in `crossover.json` in the user's cache folder ($SEERATTN_CACHE_DIR, else
    $XDG_CACHE_HOME/seerattn_hf, else ~/.cache/seerattn_hf), keyed by device name, block size,
    head layout and dtype, written atomically;
@@ -48,11 +50,15 @@ class CostModel:
     fixed_s: float
     sparse_slope: float
     dense_s_per_token2: float
+    # FA4's dense time over SDPA's (None: not measured, FA4 then assumed as fast as SDPA).
+    fa4_dense_ratio: float | None = None
     source: str = "measured"
 
-    def crossover(self, density: float) -> float:
-        """The prompt length from which sparse prefill at `density` is faster (inf: never)."""
-        saving = 1.0 - self.sparse_slope * density
+    def crossover(self, density: float, fa4_dense: bool = False) -> float:
+        """The prompt length from which sparse prefill at `density` is faster than the dense pass
+        (FA4's where `fa4_dense`, else SDPA's) (inf: never)."""
+        dense = self.fa4_dense_ratio if fa4_dense and self.fa4_dense_ratio is not None else 1.0
+        saving = dense - self.sparse_slope * density
         if saving <= 0:
             return math.inf
         return math.sqrt(self.fixed_s / (self.dense_s_per_token2 * saving))
@@ -62,9 +68,12 @@ class CostModel:
 # blocks, bf16, 32 layers; scripts/bench_prefill.py): dense attention 0.513 s at 32k (TTFT minus the
 # no-attention time), the sparse path at density 0.1 0.050 s at 8k and 0.131 s at 32k. Per layer:
 # dense 16.0 ms at 32k, fixed part 1.34 ms, slope 1.72 (predicts 64k / 128k TTFT within 2% / 6%).
-# Crossovers: 10.4k tokens at density 0.1, 13.6k at 0.3, 25k at 0.5, never above 0.58.
+# Crossovers: 10.4k tokens at density 0.1, 13.6k at 0.3, 25k at 0.5, never above 0.58. FA4 dense takes
+# 0.90 of cuDNN SDPA's time at 32k (13.61 against 15.12 ms, scripts/bench_attention.py): against it
+# the crossover at density 0.1 is 11.1k tokens.
 DEFAULT_COST_MODELS = {
-    "NVIDIA H200|block64|heads32x8|dim128|bfloat16": CostModel(1.34e-3, 1.72, 0.513 / 32 / 32768**2, "H200 table"),
+    "NVIDIA H200|block64|heads32x8|dim128|bfloat16": CostModel(1.34e-3, 1.72, 0.513 / 32 / 32768**2, 0.90,
+                                                               "H200 table"),
 }
 
 
@@ -148,17 +157,27 @@ def expected_density(policy) -> float:
 
 def auto_min_sparse_length(policy, device: torch.device, block_size: int, num_heads: int, num_kv_heads: int,
                            head_dim: int, dtype: torch.dtype) -> float:
-    """The prompt length from which "auto" runs sparse prefill (inf: never)."""
+    """The prompt length from which "auto" runs sparse prefill (inf: never): against FA4's dense pass
+    where the policy's backend sends dense passes to FA4, else against SDPA."""
     model = cost_model_for(device, block_size, num_heads, num_kv_heads, head_dim, dtype)
-    return math.inf if model is None else model.crossover(expected_density(policy))
+    if model is None:
+        return math.inf
+    return model.crossover(expected_density(policy), _fa4_takes_dense(policy, device, head_dim, dtype))
+
+
+def _fa4_takes_dense(policy, device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
+    from .ops.block_sparse_attn.fa4 import fa4_unsupported_reason
+
+    return policy.backend in ("auto", "fa4") and fa4_unsupported_reason(device, dtype, head_dim) is None
 
 
 def measure_cost_model(device: torch.device, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                        dtype: torch.dtype, lengths: tuple[int, int] = MEASURED_LENGTHS,
                        density: float = MEASURED_DENSITY, repeats: int = 5) -> CostModel:
-    """Fit the cost model from one layer's dense attention (SDPA) and sparse path (a random gate,
-    density selection, the Triton kernel) timed at two prompt lengths."""
+    """Fit the cost model from one layer's dense attention (SDPA, and FA4 where it can run) and sparse
+    path (a random gate, density selection, the Triton kernel) timed at two prompt lengths."""
     from .attention import block_sparse_attention
+    from .ops.block_sparse_attn.fa4 import fa4_dense_attention, fa4_unsupported_reason
     from .gate import SeerGate
     from .gate_config import GateConfig
     from .policy import SparsityPolicy
@@ -170,7 +189,8 @@ def measure_cost_model(device: torch.device, block_size: int, num_heads: int, nu
     gate = SeerGate(num_heads, num_kv_heads, head_dim, config, inv_freq).to(device)
     policy = SparsityPolicy(sparsity_method="density", density=density)
     scale = head_dim ** -0.5
-    dense_s, sparse_s = [], []
+    with_fa4 = fa4_unsupported_reason(device, dtype, head_dim) is None
+    dense_s, sparse_s, fa4_s = [], [], []
     for length in lengths:
         q = torch.randn(1, num_heads, length, head_dim, device=device, dtype=dtype)
         k = torch.randn(1, num_kv_heads, length, head_dim, device=device, dtype=dtype)
@@ -187,11 +207,13 @@ def measure_cost_model(device: torch.device, block_size: int, num_heads: int, nu
 
         dense_s.append(_median_seconds(dense, device, repeats))
         sparse_s.append(_median_seconds(sparse, device, repeats))
+        if with_fa4:
+            fa4_s.append(_median_seconds(lambda: fa4_dense_attention(q, k, v, scale=scale), device, repeats))
     dense_coefficient = dense_s[1] / lengths[1] ** 2
     dense_work = [density * dense_coefficient * length**2 for length in lengths]
     slope = max((sparse_s[1] - sparse_s[0]) / (dense_work[1] - dense_work[0]), 0.0)
     fixed = max(sparse_s[0] - slope * dense_work[0], 0.0)
-    return CostModel(fixed, slope, dense_coefficient)
+    return CostModel(fixed, slope, dense_coefficient, fa4_s[1] / dense_s[1] if with_fa4 else None)
 
 
 def _median_seconds(function, device: torch.device, repeats: int) -> float:
@@ -228,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"key": key, "cache": str(cache_path()), "measured": asdict(model),
                       "table": None if table is None else asdict(table),
                       "crossover_tokens": {f"{d:g}": {"measured": model.crossover(d),
+                                                      "measured_against_fa4": model.crossover(d, fa4_dense=True),
                                                       "table": None if table is None else table.crossover(d)}
                                            for d in (0.1, 0.3, 0.5)}}, indent=2))
 

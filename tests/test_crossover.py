@@ -25,6 +25,30 @@ def test_the_crossover_is_where_the_sparse_cost_meets_the_dense_cost():
     assert model.crossover(1 / 1.5) == math.inf and model.crossover(0.9) == math.inf
 
 
+def test_against_fa4_dense_the_crossover_is_where_the_sparse_cost_meets_fa4s():
+    model = CostModel(fixed_s=2e-3, sparse_slope=1.5, dense_s_per_token2=1e-11, fa4_dense_ratio=0.8)
+    length = model.crossover(0.2, fa4_dense=True)
+    sparse = model.fixed_s + model.sparse_slope * 0.2 * model.dense_s_per_token2 * length**2
+    assert sparse == pytest.approx(0.8 * model.dense_s_per_token2 * length**2)
+    assert length > model.crossover(0.2), "a faster dense pass moves the crossover to longer prompts"
+    assert model.crossover(0.8 / 1.5, fa4_dense=True) == math.inf
+    unmeasured = CostModel(fixed_s=2e-3, sparse_slope=1.5, dense_s_per_token2=1e-11)
+    assert unmeasured.crossover(0.2, fa4_dense=True) == unmeasured.crossover(0.2)
+
+
+@pytest.mark.parametrize("backend, fa4_runs, against_fa4", [
+    ("auto", True, True), ("fa4", True, True), ("triton", True, False), ("auto", False, False)])
+def test_auto_compares_with_the_dense_pass_the_backend_runs(monkeypatch, backend, fa4_runs, against_fa4):
+    from seerattn_hf.ops.block_sparse_attn import fa4 as fa4_module
+
+    model = CostModel(fixed_s=2e-3, sparse_slope=1.5, dense_s_per_token2=1e-11, fa4_dense_ratio=0.8)
+    monkeypatch.setattr(crossover, "cost_model_for", lambda *args: model)
+    monkeypatch.setattr(fa4_module, "fa4_unsupported_reason", lambda *args: None if fa4_runs else "not installed")
+    policy = sa.SparsityPolicy(sparsity_method="density", density=0.2, backend=backend)
+    length = crossover.auto_min_sparse_length(policy, torch.device("cuda", 0), 64, 32, 8, 128, torch.bfloat16)
+    assert length == model.crossover(0.2, fa4_dense=against_fa4)
+
+
 def test_the_h200_table_reproduces_the_measured_prefill_speeds():
     """The table's crossover at density 0.1 lies between 8k (sparse measured 0.97x of dense) and 32k
     (1.37x), and higher densities need longer prompts."""
@@ -55,7 +79,7 @@ def test_an_unknown_device_is_measured_once_and_cached(fake_measurement, tmp_pat
     assert model.fixed_s == 1e-3 and len(fake_measurement) == 1
     written = json.loads((tmp_path / "crossover.json").read_text())
     assert written == {"Fake GPU|block64|heads32x8|dim128|bfloat16":
-                       {"fixed_s": 1e-3, "sparse_slope": 2.0, "dense_s_per_token2": 1e-11}}
+                       {"fixed_s": 1e-3, "sparse_slope": 2.0, "dense_s_per_token2": 1e-11, "fa4_dense_ratio": None}}
     crossover._cuda_cost_model.cache_clear()  # a new process: read back, not measured again
     again = crossover._cuda_cost_model("Fake GPU", 0, 64, 32, 8, 128, torch.bfloat16)
     assert (again.fixed_s, again.sparse_slope) == (1e-3, 2.0) and len(fake_measurement) == 1
