@@ -104,7 +104,7 @@ class SeerLayerState:
 # the prompt length (key positions) from which it does. scripts/bench_attention.py on the H200, density
 # 0.1, ms ours / FA4: 128-token blocks 0.25 / 0.38-0.43 at 8k, 2.03 / 1.72 at 32k, 27.45 / 24.66-25.02
 # at 128k (both mask sharings); at 64-token blocks ours is 10-23% faster at every length. Every other
-# configuration takes Triton. Dense passes take FA4 wherever it can run (7-24% faster than cuDNN).
+# configuration takes Triton. Dense passes take FA4 wherever it can run (5-24% faster than cuDNN).
 AUTO_FA4_SPARSE = {(9, 128, "head"): 32768, (9, 128, "kv_group"): 32768}
 
 
