@@ -64,6 +64,10 @@ class SeerLayerState:
     mode: str = "sparse"
     captured_query: torch.Tensor | None = None
     captured_key: torch.Tensor | None = None
+    # Whether the capture hooks store the pre-RoPE query / key during the current call: set before
+    # the call's projections run, by the attention module's pre-hook (`patching`).
+    capture_query: bool = False
+    capture_key: bool = False
     kept_blocks: torch.Tensor | None = None
     causal_blocks: torch.Tensor | None = None
     distill_record: DistillRecord | None = None
@@ -80,6 +84,20 @@ class SeerLayerState:
     def needs_gate_inputs(self) -> bool:
         return self.mode == "distill" or (self.mode == "sparse" and "gate" in (self.policy.selector,
                                                                               self.policy.decode_selector))
+
+    def plan_captures(self, decoding: bool, decodes_with_gate) -> None:
+        """Say what this call's capture hooks store. A prompt (or a call that might be one) stores
+        both states wherever the gates read them; a decoding step reads the query alone, and only to
+        decode sparsely with the decode gate (`decodes_with_gate()`, asked only then): a dense
+        decoding step stores nothing, which it would otherwise do in every layer at every token."""
+        if not self.needs_gate_inputs:
+            self.capture_query = self.capture_key = False
+        elif not decoding:
+            self.capture_query = self.capture_key = True
+        else:
+            self.capture_key = False
+            self.capture_query = (self.mode == "sparse" and self.policy.decode_selector == "gate"
+                                  and decodes_with_gate())
 
     def take_captured(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         query, key = self.captured_query, self.captured_key
@@ -268,6 +286,12 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
             state.take_captured()
             return decoded.to(value.dtype), None
     query_length, key_length = query.shape[2], key.shape[2]
+    if state is not None and query_length == 1 and key_length > 1:
+        # A decoding step left to dense attention: the model's own (what `prefill_path` and
+        # `dense_backend` choose for it), reached with no more work than this at every token.
+        state.take_captured()
+        return module.seer_dense_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                           dropout=dropout, **kwargs)
     path = "dense" if state is None else prefill_path(state, query, key, attention_mask)
     if path == "dense":
         # Layers left without a gate (GateConfig.layers), dense mode, decoding steps, short prompts

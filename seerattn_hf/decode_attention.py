@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from .decode_cache import static_address, key_blocks_of
 from .decode_selection import decode_block_lists, oracle_scores, quest_scores, streaming_scores
@@ -47,6 +48,16 @@ class DecodeLayerState:
         layers = getattr(self.cache, "layers", None)
         return layers[self.layer_idx] if layers is not None and self.layer_idx < len(layers) else None
 
+    def surely_decoding(self, new_tokens: int) -> bool:
+        """Whether a call adding `new_tokens` positions to `cache` is a decoding step (one token on a
+        cache that holds positions already), where that can be told without reading the device: a
+        DynamicCache layer counts its positions in a Python int. False where it cannot (a StaticCache
+        counts them in a device tensor): the caller then treats the call as a prompt."""
+        if new_tokens != 1:
+            return False
+        cache_layer = self.cache_layer()
+        return isinstance(cache_layer, DynamicLayer) and cache_layer.get_seq_length() > 0
+
     def prepare_counts(self, kv_heads: int, device) -> None:
         """Allocate the per-KV-head counters (before decoding: a compiled step only adds to them)."""
         if self.kept_blocks is None or self.kept_blocks.shape != (kv_heads,) or self.kept_blocks.device != device:
@@ -65,12 +76,10 @@ class DecodeLayerState:
             self.total_blocks.zero_()
 
 
-def cache_capture_hook(state: DecodeLayerState):
-    """Forward pre-hook of the attention module: remember the cache it is called with (`cache` in
-    transformers >= 5.2x, `past_key_values` before)."""
-    def hook(_module, _args, kwargs):
-        state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    return hook
+def cache_argument(kwargs: dict):
+    """The cache an attention module is called with (`cache` in transformers >= 5.2x,
+    `past_key_values` before); recorded by the module's forward pre-hook (see `patching`)."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def sequence_extent(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int,

@@ -18,7 +18,7 @@ from torch import nn
 from .attention import MODES, SeerLayerState, seer_attention_forward
 from .attention_registry import attention_function, register_attention_function
 from .config import SeerAttentionConfig
-from .decode_attention import DecodeLayerState, cache_capture_hook
+from .decode_attention import DecodeLayerState, cache_argument, decode_is_sparse
 from .decode_distill import DISTILL_KINDS, DecodeDistillSettings
 from .decode_gate import SeerDecodeGate
 from .gate import SeerGate, gate_weight_shapes
@@ -147,9 +147,24 @@ def _decode_layers(decode_config, gated_layers: list[int]) -> set[int]:
 
 
 def _capture_hook(state: SeerLayerState, attribute: str, head_dim: int):
+    """Forward hook of a q/k source: store its `[B, T, H, D]` output as `state.<attribute>` where
+    the call's plan (`_attention_pre_hook`) says something will read it."""
+    flag = attribute.replace("captured_", "capture_")
+
     def hook(_module, _inputs, output):
-        if state.needs_gate_inputs:
+        if getattr(state, flag):
             setattr(state, attribute, output.view(*output.shape[:2], -1, head_dim))
+    return hook
+
+
+def _attention_pre_hook(state: SeerLayerState, decode_state: DecodeLayerState):
+    """Forward pre-hook of a patched attention module, run before its q/k projections: remember the
+    cache (the attention function is not given it) and plan what the capture hooks store."""
+    def hook(module, args, kwargs):
+        decode_state.cache = cache_argument(kwargs)
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        state.plan_captures(decode_state.surely_decoding(hidden_states.shape[1]),
+                            lambda: decode_is_sparse(state.policy, decode_state, hasattr(module, "seer_decode_gate")))
     return hook
 
 
@@ -211,7 +226,8 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
         attention.seer_state = state
         # Every gated layer can decode sparsely (oracle, Quest and streaming need no decode gate).
         decode_state = DecodeLayerState(layer_idx, decode_block_size, key_rope)
-        state.hooks.append(attention.register_forward_pre_hook(cache_capture_hook(decode_state), with_kwargs=True))
+        state.hooks.append(attention.register_forward_pre_hook(_attention_pre_hook(state, decode_state),
+                                                               with_kwargs=True))
         attention.seer_decode_state = decode_state
         if layer_idx in decode_layers:
             decode_gate = SeerDecodeGate(num_heads, num_kv_heads, head_dim, decode_config, *decode_rope)

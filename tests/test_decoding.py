@@ -142,6 +142,48 @@ def test_switching_the_selector_mid_generation_rebuilds_the_summaries(monkeypatc
         torch.testing.assert_close(logits, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("selector", SELECTORS)
+def test_dense_decoding_steps_capture_nothing_and_sparse_steps_after_them_decode_right(selector, monkeypatch):
+    """Sparse mode with the gate selecting prompt blocks: a prompt captures the pre-RoPE query and
+    key, a dense decoding step (decode_selector None) neither, a step decoding with the decode gate
+    the query alone; and sparse steps after dense ones (across block completions) decode as with
+    every summary recomputed from the cache."""
+    from seerattn_hf.attention import SeerLayerState
+    from transformers import DynamicCache
+
+    _, patched = _pair()
+    ids = torch.randint(3, 96, (1, 90), generator=torch.Generator().manual_seed(3))
+    taken = []
+    take_captured = SeerLayerState.take_captured
+
+    def recording(self):
+        query, key = take_captured(self)
+        taken.append((query is not None, key is not None))
+        return query, key
+
+    def logits():
+        cache = DynamicCache(config=patched.config)
+        out, captured = [], []
+        with torch.no_grad():
+            for start, end, decode_selector in ((0, 40, selector), (40, 44, selector), (44, 70, None),
+                                                (70, 90, selector)):
+                sa.update_sparsity_config(patched, decode_selector=decode_selector, decode_token_budget=32)
+                for t in range(start, end) if start else [None]:
+                    piece = ids[:, :end] if t is None else ids[:, t:t + 1]
+                    taken.clear()
+                    out.append(patched(input_ids=piece, past_key_values=cache).logits[:, -1])
+                    captured.append((t is None, decode_selector, set(taken)))
+        return torch.cat(out), captured
+
+    monkeypatch.setattr(SeerLayerState, "take_captured", recording)
+    incremental, captured = logits()
+    for prompt, decode_selector, calls in captured:
+        expected = (True, True) if prompt else (decode_selector == "gate", False)
+        assert calls == {expected}, (prompt, decode_selector)
+    _recomputing_summaries(monkeypatch)
+    torch.testing.assert_close(incremental, logits()[0], rtol=0, atol=0)
+
+
 def test_summaries_take_at_most_a_hundredth_of_the_kv_cache():
     torch.manual_seed(0)
     model = tiny_model("llama", head_dim=64, num_heads=2, num_kv_heads=1)
