@@ -4,6 +4,7 @@ Importing the package needs neither a GPU nor triton: the Triton kernels load on
 """
 
 from .adapter import convert_published_gates, from_pretrained, load_gate_weights, push_gates_to_hub, save_gates
+from .calibration import calibrate_thresholds
 from .config import SeerAttentionConfig
 from .decode_gate import DecodeGateConfig
 from .gate_config import GateConfig
@@ -29,6 +30,7 @@ __all__ = [
     "SparsityPolicy",
     "__version__",
     "apply_seer_attention",
+    "calibrate_thresholds",
     "convert_published_gates",
     "from_pretrained",
     "gate_parameters",

@@ -28,6 +28,7 @@ from .ops.pooled_attn import naive_pooled_attention, triton_pooled_attention
 from .policy import RANKING_METHODS, SparsityPolicy
 from .rope import apply_rope
 from .selectors import (
+    fit_thresholds,
     kept_block_counts,
     pooled_score_probs,
     select_block_lists,
@@ -79,6 +80,12 @@ class SeerLayerState:
     # (path, backend) -> prompt calls of this layer that took them: the report of
     # `get_sparsity_stats` ("paths", "backends"); decoding steps are not counted.
     calls: Counter = field(default_factory=Counter)
+    # Set by `calibration.calibrate_thresholds` for one forward ("layer" or "head"): this layer fits
+    # its calibrated thresholds to its own scores, selects with them and keeps them in `calibrated`.
+    calibration: str | None = None
+    calibrated: torch.Tensor | None = None
+    # (policy, device, thresholds tensor): the policy's thresholds of this layer, made once per policy.
+    threshold_cache: tuple | None = None
 
     @property
     def needs_gate_inputs(self) -> bool:
@@ -103,6 +110,24 @@ class SeerLayerState:
         query, key = self.captured_query, self.captured_key
         self.captured_query = self.captured_key = None
         return query, key
+
+    def selection_thresholds(self, scores: torch.Tensor, row_valid: torch.Tensor | None,
+                             diagonal: torch.Tensor | None) -> torch.Tensor | None:
+        """This layer's calibrated thresholds (`[H]` or `[1]`) under "calibrated_threshold", else None:
+        fitted to `scores` while calibrating, else the policy's."""
+        policy = self.policy
+        if policy.sparsity_method != "calibrated_threshold":
+            return None
+        if self.calibration is not None:
+            self.calibrated = fit_thresholds(policy, scores, row_valid, diagonal, per_head=self.calibration == "head")
+            return self.calibrated
+        cache = self.threshold_cache
+        if cache is None or cache[0] is not policy or cache[1] != scores.device:
+            # The model-level check (`check_calibrated_thresholds`) guarantees this layer has them.
+            thresholds = torch.tensor(policy.layer_thresholds(self.layer_idx), dtype=torch.float32,
+                                      device=scores.device)
+            self.threshold_cache = cache = (policy, scores.device, thresholds)
+        return cache[2]
 
     def count_call(self, path: str, backend: str) -> None:
         self.calls[path, backend] += 1
@@ -335,7 +360,8 @@ def seer_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     if policy.mask_sharing == "kv_group":
         scores = share_across_kv_group(scores, key.shape[1])
     block_idx, block_count = select_block_lists(policy, scores, row_valid, diagonal,
-                                                fused=fused_gate(policy, query.device))
+                                                fused=fused_gate(policy, query.device),
+                                                thresholds=state.selection_thresholds(scores, row_valid, diagonal))
     kept, causal = kept_block_counts(block_count, row_valid, diagonal)
     # Counted per query head whatever the mask sharing, so the statistics outlive a policy change.
     groups = query.shape[1] // kept.shape[0]

@@ -41,7 +41,8 @@ class SeerAttentionConfig:
     Gate shape (fixed once gates exist; see `GateConfig`): block_size, gate_hidden_size, q_pooling,
     k_pooling, q_projection, k_projection, compute_dtype, layers, base_model_name_or_path.
     Sparsity policy (changeable at load and run time; see `SparsityPolicy`): selector,
-    sparsity_method, threshold, density, coverage, nz_ratio, keep_first_blocks, keep_recent_blocks,
+    sparsity_method, threshold, density, coverage, nz_ratio, target_density, calibrated_thresholds,
+    keep_first_blocks, keep_recent_blocks,
     keep_diagonal, dense_last_query_blocks, mask_sharing, backend, min_sparse_length.
     """
 

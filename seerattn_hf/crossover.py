@@ -17,7 +17,8 @@ is `fa4_dense_ratio - sparse_slope * density`. The model of a device comes from,
 3. a measurement made on first use (`measure_cost_model`, a few seconds), then cached.
 On the CPU the sparse path is the torch reference, never faster than SDPA: "auto" means dense there.
 
-The density the model is evaluated at is the policy's own for "density" and "nz_ratio"; a threshold
+The density the model is evaluated at is the policy's own for "density" and "nz_ratio" (the target
+density of calibrated thresholds, which keep it on text like the calibration text); a threshold
 or a coverage keeps a share known only after the gate ran, so "auto" assumes `UNKNOWN_DENSITY`
 (conservative: a longer crossover, never a slower prefill).
 """
@@ -150,7 +151,7 @@ def measure_and_cache(device: torch.device, block_size: int, num_heads: int, num
 
 def expected_density(policy) -> float:
     """The share of causal blocks the policy is expected to keep (see the module docstring)."""
-    if policy.sparsity_method in ("density", "nz_ratio"):
+    if policy.sparsity_method in ("density", "nz_ratio", "calibrated_threshold"):
         return float(policy.value)
     return UNKNOWN_DENSITY
 

@@ -23,7 +23,7 @@ from .decode_distill import DISTILL_KINDS, DecodeDistillSettings
 from .decode_gate import SeerDecodeGate
 from .gate import SeerGate, gate_weight_shapes
 from .gate_config import GATE_FIELDS, GateConfig
-from .policy import SparsityPolicy
+from .policy import SparsityPolicy, check_calibrated_thresholds
 from .rope import rope_frequencies
 
 
@@ -198,8 +198,9 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
     text_config = model.config
     num_heads, num_kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
     head_dim = decoder_layers(model)[layers[0]].self_attn.head_dim
-    # Raises, while the model is still unchanged, if the gate layout cannot fit this model.
+    # Raises, while the model is still unchanged, if the gate layout or the policy cannot fit this model.
     gate_weight_shapes(gate_config, num_heads, num_kv_heads, head_dim)
+    _check_policy_fits(model, config.policy, layers)
     inv_freq, rope_scaling = rope_frequencies(text_config, gate_config.gate_hidden_size)
     dense_attention = _dense_attention_function(original, spec)
     devices = {i: _gate_device(decoder_layers(model)[i].self_attn, spec, i) for i in layers}
@@ -295,11 +296,18 @@ def update_sparsity_config(model: nn.Module, policy: SparsityPolicy | None = Non
     if policy is not None and not isinstance(policy, SparsityPolicy):
         raise TypeError(f"policy: expected a SparsityPolicy, found {type(policy).__name__}")
     policy = (policy or model.seer_config.policy).replace(**changes)
+    _check_policy_fits(model, policy, [a.seer_state.layer_idx for a in patched_attention_modules(model)])
     model.seer_config = SeerAttentionConfig(gate=model.seer_config.gate, policy=policy,
                                             decode_gate=model.seer_config.decode_gate)
     for attention in patched_attention_modules(model):
         attention.seer_state.policy = policy
     return model.seer_config
+
+
+def _check_policy_fits(model: nn.Module, policy: SparsityPolicy, layers: list[int]) -> None:
+    """Raise `InvalidSetting` where a policy needs per-layer values this model's gated layers lack."""
+    heads = model.config.num_attention_heads if policy.mask_sharing == "head" else model.config.num_key_value_heads
+    check_calibrated_thresholds(policy, layers, heads)
 
 
 def gate_parameters(model: nn.Module, kinds: tuple[str, ...] = DISTILL_KINDS) -> list[nn.Parameter]:

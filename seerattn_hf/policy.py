@@ -15,13 +15,18 @@ from .gate_config import field_names
 from .validation import InvalidSetting, check, is_integer, is_number, reject_unknown
 
 SELECTORS = ("gate", "oracle", "pooled_score", "streaming")
-SPARSITY_METHODS = ("threshold", "density", "coverage", "nz_ratio")
+SPARSITY_METHODS = ("threshold", "density", "coverage", "nz_ratio", "calibrated_threshold")
 # The methods that rank blocks (they need no probabilities, so a position ranking can feed them).
 RANKING_METHODS = ("density", "nz_ratio")
 BACKENDS = ("auto", "triton", "torch", "flex", "fa4")
 MASK_SHARINGS = ("head", "kv_group")
 # The one short form of a setting in tables, logs and results: "gate d=0.3", "oracle t=0.01".
-METHOD_SYMBOLS = {"threshold": "t", "density": "d", "coverage": "p", "nz_ratio": "nz"}
+METHOD_SYMBOLS = {"threshold": "t", "density": "d", "coverage": "p", "nz_ratio": "nz", "calibrated_threshold": "ct"}
+# The field holding each method's value: a calibrated threshold is named by the share it was fitted to.
+METHOD_VALUE_FIELDS = {"threshold": "threshold", "density": "density", "coverage": "coverage", "nz_ratio": "nz_ratio",
+                       "calibrated_threshold": "target_density"}
+THRESHOLDS_EXPECTED = ("None, or a mapping from layer index to a non-empty list of thresholds in [-1, 1] "
+                       "(what calibrate_thresholds returns)")
 
 
 @dataclass(frozen=True)
@@ -32,10 +37,20 @@ class SparsityPolicy:
         nz_ratio only).
     sparsity_method: "threshold" (keep blocks whose probability exceeds `threshold`), "density" (keep
         the top `density` share of each row's causal blocks), "coverage" (keep per row the fewest
-        blocks whose probabilities sum to at least `coverage`) or "nz_ratio" (the published gates'
+        blocks whose probabilities sum to at least `coverage`), "nz_ratio" (the published gates'
         top-k: every row keeps the same number k = int((1 - sqrt(1 - nz_ratio)) * NB), at least 1,
         of its best blocks, NB the sequence's number of blocks; about `nz_ratio` of all causal
-        blocks are then kept).
+        blocks are then kept) or "calibrated_threshold" (keep blocks whose probability exceeds the
+        threshold of their layer, or of their head, in `calibrated_thresholds`).
+    target_density: the share of causal blocks "calibrated_threshold" was fitted to keep (a record
+        and the method's value in labels; the thresholds decide what is kept).
+    calibrated_thresholds: `{layer_idx: (t,)}` (one threshold for the layer) or `{layer_idx: (t_0,
+        ..., t_H-1)}` (one per mask head: query heads, KV heads under mask_sharing="kv_group"), fitted
+        by `calibration.calibrate_thresholds` so that each layer (head) keeps `target_density` of its
+        causal blocks on the calibration text, forced blocks included; a negative threshold keeps every
+        block. Stored as sorted `(layer, thresholds)` pairs; `to_dict` writes `{"layer": [...]}`. The
+        thresholds fit the selector, gates and prompt length they were fitted with: probabilities of
+        longer rows are smaller, so a threshold keeps a smaller share of a longer prompt.
     keep_first_blocks / keep_recent_blocks: blocks always kept at the start of the sequence and before
         the diagonal.
     keep_diagonal: always keep each row's diagonal block. The published rules do not; a row whose
@@ -70,6 +85,8 @@ class SparsityPolicy:
     density: float = 0.5
     coverage: float = 0.9
     nz_ratio: float = 0.5
+    target_density: float = 0.2
+    calibrated_thresholds: tuple[tuple[int, tuple[float, ...]], ...] | None = None
     keep_first_blocks: int = 0
     keep_recent_blocks: int = 0
     keep_diagonal: bool = True
@@ -97,6 +114,10 @@ class SparsityPolicy:
               "a number in (0, 1]", self.coverage)
         check(is_number(self.nz_ratio) and 0.0 < self.nz_ratio <= 1.0, owner, "nz_ratio",
               "a number in (0, 1]", self.nz_ratio)
+        check(is_number(self.target_density) and 0.0 < self.target_density <= 1.0, owner, "target_density",
+              "a number in (0, 1]", self.target_density)
+        if self.calibrated_thresholds is not None:
+            object.__setattr__(self, "calibrated_thresholds", _threshold_pairs(self.calibrated_thresholds, owner))
         for name in ("keep_first_blocks", "keep_recent_blocks", "dense_last_query_blocks"):
             value = getattr(self, name)
             check(is_integer(value) and value >= 0, owner, name, "an integer >= 0", value)
@@ -128,8 +149,13 @@ class SparsityPolicy:
 
     @property
     def value(self) -> float:
-        """The value of the active sparsity method (the threshold, density, coverage or nz_ratio)."""
-        return getattr(self, self.sparsity_method)
+        """The value of the active sparsity method (the threshold, density, coverage, nz_ratio or,
+        for calibrated thresholds, the target density)."""
+        return getattr(self, METHOD_VALUE_FIELDS[self.sparsity_method])
+
+    def layer_thresholds(self, layer_idx: int) -> tuple[float, ...] | None:
+        """The calibrated thresholds of one layer (one, or one per mask head), None if it has none."""
+        return dict(self.calibrated_thresholds or ()).get(layer_idx)
 
     @property
     def label(self) -> str:
@@ -141,7 +167,49 @@ class SparsityPolicy:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready values; calibrated thresholds as `{"<layer>": [thresholds]}`."""
+        values = dataclasses.asdict(self)
+        if self.calibrated_thresholds is not None:
+            values["calibrated_thresholds"] = {str(layer): list(thresholds)
+                                               for layer, thresholds in self.calibrated_thresholds}
+        return values
+
+
+def _threshold_pairs(value, owner: str) -> tuple[tuple[int, tuple[float, ...]], ...]:
+    """Calibrated thresholds given as a mapping (layer keys may be digit strings, as JSON writes them)
+    or as `(layer, thresholds)` pairs -> sorted `(layer, thresholds)` pairs."""
+    check(isinstance(value, (dict, list, tuple)) and len(value) > 0, owner, "calibrated_thresholds",
+          THRESHOLDS_EXPECTED, value)
+    pairs = {}
+    for item in (value.items() if isinstance(value, dict) else value):
+        layer, thresholds = item if isinstance(item, (list, tuple)) and len(item) == 2 else (None, None)
+        if isinstance(layer, str) and layer.isdigit():
+            layer = int(layer)
+        check(is_integer(layer) and layer >= 0 and layer not in pairs and isinstance(thresholds, (list, tuple))
+              and len(thresholds) > 0 and all(is_number(t) and -1.0 <= t <= 1.0 for t in thresholds),
+              owner, "calibrated_thresholds", THRESHOLDS_EXPECTED, item)
+        pairs[layer] = tuple(float(t) for t in thresholds)
+    return tuple(sorted(pairs.items()))
+
+
+def check_calibrated_thresholds(policy: SparsityPolicy, layers: list[int], mask_heads: int) -> None:
+    """Raise `InvalidSetting` unless a "calibrated_threshold" policy holds, for each gated layer of a
+    model, one threshold or one per mask head (`mask_heads`: query heads, or KV heads under
+    mask_sharing="kv_group")."""
+    if policy.sparsity_method != "calibrated_threshold":
+        return
+    expected = (f"thresholds for the gated layers {list(layers)}, 1 or {mask_heads} per layer (fit them with "
+                "calibrate_thresholds)")
+    if policy.calibrated_thresholds is None:
+        raise InvalidSetting("SparsityPolicy", "calibrated_thresholds", expected, None)
+    stored = dict(policy.calibrated_thresholds)
+    missing = [layer for layer in layers if layer not in stored]
+    wrong = {layer: len(stored[layer]) for layer in layers
+             if layer in stored and len(stored[layer]) not in (1, mask_heads)}
+    if missing or wrong:
+        found = "; ".join(([f"no thresholds for layers {missing}"] if missing else [])
+                          + ([f"per-layer counts {wrong}"] if wrong else []))
+        raise InvalidSetting("SparsityPolicy", "calibrated_thresholds", expected, found)
 
 
 def setting_label(selector: str, sparsity_method: str | None = None, value: float | None = None) -> str:

@@ -2,8 +2,9 @@
 
 Every selector produces scores `[B, H, NB, NB]` that are probabilities over each row's causal key
 blocks (the ranking methods need only their order, so the gate gives them log-probabilities);
-`select_blocks` turns them into a boolean block mask by threshold, density (per-row top-k), coverage
-or nz_ratio (the published gates' fixed top-k), then adds the blocks that are always kept.
+`select_blocks` turns them into a boolean block mask by threshold, density (per-row top-k), coverage,
+nz_ratio (the published gates' fixed top-k) or calibrated thresholds (one per layer or head, fitted
+to a share of blocks by `fit_thresholds`), then adds the blocks that are always kept.
 `mask_to_block_lists` packs the mask into the compact per-row lists the kernels walk.
 
 Scores of a query chunk continued from a cache are `[B, H, R, NB]`: R query-block rows against all NB
@@ -69,14 +70,15 @@ def forced_blocks(policy: SparsityPolicy, blocks: int, device: torch.device,
 
 
 def select_blocks(policy: SparsityPolicy, scores: torch.Tensor, row_valid: torch.Tensor | None = None,
-                  diagonal: torch.Tensor | None = None) -> torch.Tensor:
+                  diagonal: torch.Tensor | None = None, thresholds: torch.Tensor | None = None) -> torch.Tensor:
     """Turn block scores `[B, H, R, NB]` into a boolean block mask of the same shape.
 
     Only causal blocks are ever kept. `row_valid` (`[B, R]`) marks query blocks holding real
     tokens; other rows keep just their diagonal block. `diagonal` (`[B or 1, R]`): each row's
     diagonal key block, for a query chunk (None: R == NB, a whole prompt). Scores may be in any float
     dtype: a threshold is compared in the scores' dtype (as the published gates compare their bf16
-    softmax).
+    softmax). `thresholds` (`[H]` or `[1]` float32): the layer's calibrated thresholds, needed by
+    "calibrated_threshold" and compared in float32 (they are fitted to the float32 values).
     """
     blocks = scores.shape[-1]
     device = scores.device
@@ -86,6 +88,11 @@ def select_blocks(policy: SparsityPolicy, scores: torch.Tensor, row_valid: torch
     method = policy.sparsity_method
     if method == "threshold":
         keep = scores > policy.threshold
+    elif method == "calibrated_threshold":
+        if thresholds is None or thresholds.dim() != 1 or thresholds.shape[0] not in (1, scores.shape[1]):
+            raise ValueError(f"calibrated_threshold: expected thresholds of shape [1] or [{scores.shape[1]}] (the "
+                             f"scores' heads), found {None if thresholds is None else list(thresholds.shape)}")
+        keep = scores.float() > thresholds.to(device=device, dtype=torch.float32)[None, :, None, None]
     elif method in RANKING_METHODS:
         top, within_budget = _top_blocks(policy, scores, causal, forced, diagonal, row_valid)
         keep = torch.zeros_like(causal).expand_as(scores).clone()
@@ -154,14 +161,16 @@ def _keep_best_block_of_empty_rows(keep: torch.Tensor, scores: torch.Tensor, cau
 
 
 def select_block_lists(policy: SparsityPolicy, scores: torch.Tensor, row_valid: torch.Tensor | None = None,
-                       diagonal: torch.Tensor | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       diagonal: torch.Tensor | None = None, fused: bool = False,
+                       thresholds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`select_blocks` followed by `mask_to_block_lists`, the same lists, computed more cheaply
     where possible: per-row top-k yields the kept indices directly, with no `[B, H, NB, NB]` mask
     to build and pack (at 128k tokens that mask has 134M entries per layer). Dense last rows hold
     every block, so they take the mask path (their lists would be as large as the mask). `fused`: the
-    ranking methods' lists come from one Triton kernel (the same lists; CUDA or Triton's interpreter)."""
+    ranking methods' lists come from one Triton kernel (the same lists; CUDA or Triton's interpreter).
+    `thresholds`: as for `select_blocks`."""
     if policy.sparsity_method not in RANKING_METHODS or policy.dense_last_query_blocks:
-        return mask_to_block_lists(select_blocks(policy, scores, row_valid, diagonal))
+        return mask_to_block_lists(select_blocks(policy, scores, row_valid, diagonal, thresholds))
     blocks = scores.shape[-1]
     device = scores.device
     diagonal = row_diagonals(diagonal, blocks, device)
@@ -182,6 +191,43 @@ def select_block_lists(policy: SparsityPolicy, scores: torch.Tensor, row_valid: 
     last = block_idx.gather(-1, (block_count.long() - 1).unsqueeze(-1))
     block_idx = torch.where(block_idx == blocks, last, block_idx)
     return block_idx.to(torch.int32).contiguous(), block_count.to(torch.int32).contiguous()
+
+
+def fit_thresholds(policy: SparsityPolicy, scores: torch.Tensor, row_valid: torch.Tensor | None = None,
+                   diagonal: torch.Tensor | None = None, per_head: bool = False) -> torch.Tensor:
+    """Thresholds with which "calibrated_threshold" keeps `policy.target_density` of the causal blocks
+    of the real rows of `scores` (`[B, H, R, NB]` probabilities; rows as for `select_blocks`): `[H]`,
+    each head's share (per_head), or `[1]`, the share over all heads. Float32.
+
+    Blocks kept whatever the scores (forced blocks, dense last rows, an empty row's best block) count
+    towards the share: they are kept at any threshold (a row's best block passes every threshold one
+    of its blocks passes), so a threshold keeps them plus the other blocks scoring above it. Those are
+    taken best first; the threshold sits just below the last one taken, so blocks tied with it are
+    kept too (1.0 where the forced blocks alone reach the share, -1.0 where every block is needed).
+    """
+    blocks = scores.shape[-1]
+    rows = row_valid if row_valid is not None else torch.ones(scores.shape[0], scores.shape[2], dtype=torch.bool,
+                                                              device=scores.device)
+    counted = (causal_rows(row_diagonals(diagonal, blocks, scores.device), blocks)
+               & rows[:, None, :, None]).expand_as(scores)
+    nothing = torch.ones(1, device=scores.device)  # probabilities never exceed 1: only the forced blocks
+    always = select_blocks(policy.replace(sparsity_method="calibrated_threshold"), scores, row_valid, diagonal,
+                           nothing) & counted
+    candidates = counted & ~always
+    values = scores.float()
+    groups = [slice(head, head + 1) for head in range(scores.shape[1])] if per_head else [slice(None)]
+    thresholds = []
+    for heads in groups:
+        share = round(policy.target_density * int(counted[:, heads].sum())) - int(always[:, heads].sum())
+        pool = values[:, heads][candidates[:, heads]]
+        if share <= 0:
+            thresholds.append(1.0)
+        elif share >= pool.numel():
+            thresholds.append(-1.0)
+        else:
+            last_taken = pool.topk(share).values[-1]
+            thresholds.append(float(torch.nextafter(last_taken, last_taken.new_tensor(-math.inf))))
+    return torch.tensor(thresholds, dtype=torch.float32, device=scores.device)
 
 
 def kept_block_counts(block_count: torch.Tensor, row_valid: torch.Tensor | None,
@@ -249,7 +295,7 @@ def share_across_kv_group(probs: torch.Tensor, num_kv_heads: int) -> torch.Tenso
 
 
 __all__ = [
-    "block_density_counts", "causal_block_mask", "forced_blocks", "kept_block_counts", "mask_to_block_lists",
-    "num_blocks", "pooled_score_probs", "select_block_lists", "select_blocks", "share_across_kv_group",
-    "streaming_scores",
+    "block_density_counts", "causal_block_mask", "fit_thresholds", "forced_blocks", "kept_block_counts",
+    "mask_to_block_lists", "num_blocks", "pooled_score_probs", "select_block_lists", "select_blocks",
+    "share_across_kv_group", "streaming_scores",
 ]

@@ -22,6 +22,17 @@ def test_json_round_trip(tmp_path):
     assert SeerAttentionConfig.from_dict(json.loads(config.to_json_string())) == config
 
 
+def test_calibrated_thresholds_round_trip_through_json_with_layer_keys(tmp_path):
+    config = SeerAttentionConfig(sparsity_method="calibrated_threshold", target_density=0.15,
+                                 calibrated_thresholds={10: [0.02], 2: [0.01, 0.03]})
+    assert config.calibrated_thresholds == ((2, (0.01, 0.03)), (10, (0.02,)))
+    assert config.policy.label == "gate ct=0.15" and config.policy.value == 0.15
+    config.save_json(tmp_path / "c.json")
+    stored = json.loads((tmp_path / "c.json").read_text())["sparsity_policy"]
+    assert stored["calibrated_thresholds"] == {"2": [0.01, 0.03], "10": [0.02]}
+    assert SeerAttentionConfig.from_json_file(tmp_path / "c.json") == config
+
+
 @pytest.mark.parametrize("field, value", [
     ("block_size", 8), ("block_size", 256), ("block_size", 64.0), ("gate_hidden_size", 0), ("gate_hidden_size", 33),
     ("q_pooling", []), ("q_pooling", ["median"]), ("k_pooling", ["max", "max"]), ("layers", [-1]), ("layers", []),
@@ -29,7 +40,7 @@ def test_json_round_trip(tmp_path):
     ("density", 0.0), ("density", 1.2), ("coverage", 0), ("keep_first_blocks", -1), ("mask_sharing", "all"),
     ("backend", "cuda"), ("dense_last_query_blocks", True), ("dense_last_query_blocks", -1), ("density", True),
     ("nz_ratio", 0.0), ("nz_ratio", 1.5), ("keep_diagonal", "no"), ("q_projection", 0), ("k_projection", "head"),
-    ("compute_dtype", "bfloat16"),
+    ("compute_dtype", "bfloat16"), ("target_density", 0.0), ("calibrated_thresholds", {0: [2.0]}),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"SeerAttentionConfig\.{field}: expected .* found"):

@@ -13,7 +13,7 @@ from torch import nn
 
 from .render import REPORTS, write_report
 from .reports import environment, write_json
-from .settings import METHODS, MODEL_ATTENTION, AttentionSetting, build_settings
+from .settings import METHODS, MODEL_ATTENTION, AttentionSetting, build_settings, calibrate_settings
 
 DATA_FILES_HELP = ("local files or glob patterns: .txt/.md (one document each), .jsonl/.json (JSON lines or an "
                    "array of objects), .parquet, each optionally .gz/.bz2/.xz/.zst; default: the embedded held-out "
@@ -76,11 +76,11 @@ def _min_sparse_length(text: str):
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
-    knobs = ("densities", "thresholds", "coverages")
+    knobs = [knob for knob in ("densities", "thresholds", "coverages", "calibrated_densities") if knob in vars(args)]
     given = any(getattr(args, knob) is not None for knob in knobs)
     for knob in knobs:
         if getattr(args, knob) is None:
-            setattr(args, knob, [] if given else args.default_knobs[knob])
+            setattr(args, knob, [] if given else args.default_knobs.get(knob, []))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return args
@@ -95,7 +95,8 @@ def _dtype_name(args) -> str:
 
 
 def _settings(args, allow_untrained_gate: bool = False):
-    settings = build_settings(args.methods, args.densities, args.thresholds, args.coverages)
+    settings = build_settings(args.methods, args.densities, args.thresholds, args.coverages,
+                              getattr(args, "calibrated_densities", None) or ())
     if any(s.method == "gate" for s in settings) and not args.gates and not allow_untrained_gate:
         raise SystemExit("method 'gate' needs trained gates: pass --gates FOLDER (untrained gates select at random)")
     return settings
@@ -178,8 +179,39 @@ def ppl_parser() -> argparse.ArgumentParser:
     data.add_argument("--num_documents", type=int, default=None, help="documents per length (default: all)")
     data.add_argument("--lengths", nargs="+", type=int, default=[2048], help="window lengths in tokens")
     _add_sparsity_arguments(parser, ["dense", "oracle", "pooled_score", "streaming"], [0.5, 0.3, 0.2, 0.1])
+    calibration = parser.add_argument_group(
+        "calibrated thresholds (one threshold per layer, or per head, fitted to keep a target share of blocks)")
+    calibration.add_argument("--calibrated_densities", nargs="*", type=float, default=None,
+                             help="target shares of causal blocks; each layer's threshold is fitted at each length "
+                                  "on the calibration text, and the share achieved on the evaluation text is "
+                                  "reported (default: none)")
+    calibration.add_argument("--calibration_per_head", action="store_true",
+                             help="fit one threshold per head instead of one per layer")
+    calibration.add_argument("--calibration_data_files", nargs="*", default=None,
+                             help="calibration text, kept apart from the evaluation text: local files or glob "
+                                  "patterns as for --data_files; default: the embedded corpus' training plays")
+    calibration.add_argument("--calibration_documents", type=int, default=4,
+                             help="calibration windows (one batch, one window per document; default %(default)s)")
     parser.add_argument("--output", required=True, help="output folder")
     return parser
+
+
+def calibration_windows(tokenizer, data_files: list[str] | None, length: int, count: int) -> torch.Tensor:
+    """`[N, length]` token ids of up to `count` calibration documents (their first `length` tokens):
+    `data_files`, or the embedded corpus' training plays (never the held-out ones)."""
+    from ..documents import load_document_records
+    from .perplexity import document_windows
+
+    if data_files:
+        records = load_document_records(data_files)
+    else:
+        from ..data import load_default_corpus
+
+        records = load_default_corpus("train")
+    windows, _ = document_windows(tokenizer, records, length, count)
+    if not windows:
+        raise SystemExit(f"--calibrated_densities: no calibration document has {length} tokens")
+    return torch.cat([window["input_ids"] for window in windows])
 
 
 def ppl_main(argv: list[str] | None = None) -> dict:
@@ -200,9 +232,17 @@ def ppl_main(argv: list[str] | None = None) -> dict:
         if not windows:
             warnings.warn(f"no document has {length} tokens; skipping that length")
             continue
-        with tqdm(total=len(windows) * len(run.settings), desc=f"perplexity at {length} tokens",
+        settings = run.settings
+        if any(s.sparsity_method == "calibrated_threshold" for s in settings):
+            calibration = calibration_windows(run.tokenizer, args.calibration_data_files, length,
+                                              args.calibration_documents)
+            summary.setdefault("calibration", {})[length] = {
+                "documents": calibration.shape[0], "per_head": args.calibration_per_head,
+                "data_files": args.calibration_data_files or "embedded corpus, train split"}
+            settings = calibrate_settings(run.model, settings, calibration, args.calibration_per_head)
+        with tqdm(total=len(windows) * len(settings), desc=f"perplexity at {length} tokens",
                   unit="forward") as bar:
-            for row in evaluate_perplexity(run.model, windows, run.settings, progress=bar):
+            for row in evaluate_perplexity(run.model, windows, settings, progress=bar):
                 summary["results"].append({"length": length, **row})
         _save(run.output, summary)
     return _finish(run.output, summary)

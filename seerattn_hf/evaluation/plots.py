@@ -10,7 +10,8 @@ from .reports import fastest_dense
 
 
 _KNOB_STYLES = {"density": {"marker": "o", "linestyle": "-"}, "threshold": {"marker": "s", "linestyle": ":"},
-                "coverage": {"marker": "^", "linestyle": "--"}}
+                "coverage": {"marker": "^", "linestyle": "--"},
+                "calibrated_threshold": {"marker": "D", "linestyle": "-."}}
 
 
 def _pyplot():
@@ -45,7 +46,7 @@ def plot_ppl_vs_density(results: list[dict], path: str | Path) -> Path | None:
         methods = list(dict.fromkeys(method for method, _ in series))
         for (method, knob), points in series.items():
             points = sorted(points, key=lambda r: r["density"])
-            # One colour per method, one line style per way of selecting (density, threshold, coverage).
+            # One colour per method, one line style per way of selecting (density, threshold, ...).
             axis.plot([p["density"] for p in points], [p["ppl"] for p in points], color=f"C{methods.index(method)}",
                       **_KNOB_STYLES[knob], label=f"{method} by {knob}")
         axis.set_xlabel("achieved density (share of causal blocks computed)")

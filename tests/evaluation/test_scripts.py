@@ -67,6 +67,24 @@ def test_eval_ppl(tiny_checkpoint, text_files, tmp_path):
     assert "| oracle | density | 0.3 |" in (tmp_path / "results.md").read_text()
 
 
+def test_eval_ppl_calibrates_thresholds_on_the_training_plays(tiny_checkpoint, text_files, tmp_path):
+    summary = ppl_main(["--model", str(tiny_checkpoint), "--data_files", str(text_files / "plays.jsonl"),
+                        "--text_column", "body", "--lengths", "160", "--block_size", "16", "--methods", "dense",
+                        "oracle", "--calibrated_densities", "1.0", "0.4", "--calibration_documents", "2",
+                        "--calibration_per_head", "--output", str(tmp_path)])
+    rows = {r["label"]: r for r in summary["results"]}
+    assert sorted(rows) == ["dense", "oracle ct=0.4", "oracle ct=1"]  # calibrated densities alone: no defaults
+    assert rows["oracle ct=1"]["ppl"] == pytest.approx(rows["dense"]["ppl"], rel=1e-5)
+    assert rows["oracle ct=1"]["density"] == 1.0
+    # Fitted on other text, the share on the evaluation text is near the target, not exactly it.
+    assert 0.25 < rows["oracle ct=0.4"]["density"] < 0.55
+    thresholds = rows["oracle ct=0.4"]["calibrated_thresholds"]
+    assert sorted(thresholds) == ["0", "1"] and all(len(t) == 4 for t in thresholds.values())
+    assert summary["calibration"][160] == {"documents": 2, "per_head": True,
+                                           "data_files": "embedded corpus, train split"}
+    assert "| oracle | calibrated_threshold | 0.4 |" in (tmp_path / "results.md").read_text()
+
+
 def test_eval_ppl_refuses_gate_without_gates(tiny_checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="--gates"):
         ppl_main(["--model", str(tiny_checkpoint), "--methods", "gate", "--densities", "0.5",
