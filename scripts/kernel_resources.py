@@ -133,7 +133,7 @@ def main() -> None:
 
     block_q, gm, block_n, warps, stages, _, chunk = fused_config(bs, D, dtype)
     config = dict(B=1, HQ=HQ, G=HQ // HKV, GM=gm, D=D, BLOCK_Q=block_q, BS=bs, BLOCK_N=block_n, CHUNK=chunk,
-                  HAS_OFFSETS=False, INPUT_PRECISION=precision)
+                  HAS_OFFSETS=False, INPUT_PRECISION=precision, MASS=False)
     pointers = {"q": element, "k": element, "v": element, "o": element, "pooled": "fp32", "scratch": "fp32",
                 "seq_offsets": "i32"}
     compiled = compile_kernel(pooled_attn_fused_kernel, pointers, config, warps, stages, args.arch)

@@ -43,7 +43,8 @@ MODES = ("dense", "sparse", "distill")
 class DistillRecord:
     """What one layer produced in distillation mode (one forward).
 
-    target: `[B, HQ, NB, NB]` float32 block max-pooled attention map, rows summing to 1.
+    target: `[B, HQ, NB, NB]` float32 block-pooled attention map (`SeerLayerState.distill_target`),
+        rows summing to 1.
     gate_log_probs: `[B, HQ, NB, NB]` float32, differentiable w.r.t. the gate, -inf above the diagonal.
     row_valid: `[B, NB]` bool, query blocks holding real tokens.
     """
@@ -74,6 +75,8 @@ class SeerLayerState:
     distill_record: DistillRecord | None = None
     # What distillation mode trains ("prefill", "decode"), and how decode gates are distilled.
     distill_kinds: tuple[str, ...] = ("prefill",)
+    # The prefill gates' target: a `POOLED_TARGETS` name of ops/pooled_attn.
+    distill_target: str = "block_max"
     decode_distill: DecodeDistillSettings | None = None
     decode_distill_record: DecodeDistillRecord | None = None
     hooks: list = field(default_factory=list)
@@ -217,12 +220,13 @@ def dense_backend(backend: str, query, key, value, attention_mask, dropout: floa
     return "fa4" if takes else "model"
 
 
-def pooled_attention(query, key, value, block_size, scale, seq_offsets,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention `[B, T, HQ, D]` and the block max-pooled map `[B, HQ, NB, NB]`."""
+def pooled_attention(query, key, value, block_size, scale, seq_offsets, backend: str,
+                     target: str = "block_max") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention `[B, T, HQ, D]` and the block-pooled map `[B, HQ, NB, NB]` of `target`
+    ("block_max" or "block_mass")."""
     implementation = (triton_pooled_attention if resolve_backend(backend, query.device) == "triton"
                       else naive_pooled_attention)
-    return implementation(query, key, value, block_size, scale=scale, seq_offsets=seq_offsets)
+    return implementation(query, key, value, block_size, scale=scale, seq_offsets=seq_offsets, target=target)
 
 
 def same_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
@@ -386,7 +390,8 @@ def _distill(module, state: SeerLayerState, query, key, value, attention_mask, s
             scale, seq_offsets, policy.backend)
     if "prefill" in state.distill_kinds:
         with torch.no_grad():
-            output, target = pooled_attention(query, key, value, block_size, scale, seq_offsets, policy.backend)
+            output, target = pooled_attention(query, key, value, block_size, scale, seq_offsets, policy.backend,
+                                              state.distill_target)
         gate_log_probs = gate(captured_query, captured_key, seq_offsets)
         state.distill_record = DistillRecord(state.layer_idx, target, gate_log_probs, row_valid)
     state.count_call("distill", resolve_backend(policy.backend, query.device))

@@ -23,6 +23,7 @@ from .decode_distill import DISTILL_KINDS, DecodeDistillSettings
 from .decode_gate import SeerDecodeGate
 from .gate import SeerGate, gate_weight_shapes
 from .gate_config import GATE_FIELDS, GateConfig
+from .ops.pooled_attn import check_pooled_target
 from .policy import SparsityPolicy, check_calibrated_thresholds
 from .rope import rope_frequencies
 
@@ -329,12 +330,15 @@ def pop_distill_records(model: nn.Module) -> list:
 
 
 def set_distill_targets(model: nn.Module, kinds: tuple[str, ...] = ("prefill",),
-                        settings: DecodeDistillSettings | None = None) -> nn.Module:
+                        settings: DecodeDistillSettings | None = None,
+                        prefill_target: str = "block_max") -> nn.Module:
     """Which gates distillation mode trains on every gated layer: "prefill", "decode" or both (in
-    decode-only distillation, layers without a decode gate run the model's own attention)."""
+    decode-only distillation, layers without a decode gate run the model's own attention), and the
+    prefill gates' target (`POOLED_TARGETS`: "block_max" or "block_mass")."""
     if not kinds or not set(kinds) <= set(DISTILL_KINDS):
         raise ValueError(f"distillation kinds: expected a non-empty subset of {list(DISTILL_KINDS)}, "
                          f"found {list(kinds)}")
+    check_pooled_target(prefill_target)
     attentions = require_patched(model)
     if "decode" in kinds and not any(hasattr(attention, "seer_decode_gate") for attention in attentions):
         raise ValueError("decode distillation needs decode gates: patch the model with a SeerAttentionConfig "
@@ -342,6 +346,7 @@ def set_distill_targets(model: nn.Module, kinds: tuple[str, ...] = ("prefill",),
     for attention in attentions:
         attention.seer_state.distill_kinds = tuple(kinds)
         attention.seer_state.decode_distill = settings
+        attention.seer_state.distill_target = prefill_target
     return model
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 
 from ..embedded import EMBEDDED_MODEL
+from ..ops.pooled_attn import POOLED_TARGETS as DISTILL_TARGETS
+from .metrics import DISTILL_LOSSES
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 GATE_TYPES = ("prefill", "decode", "both")
@@ -114,7 +116,18 @@ class TrainArguments:
     warmup_steps: int = field(default=20, metadata={"help": "Linear warmup steps before the cosine decay."})
     max_steps: int = field(default=500, metadata={"help": "Optimizer steps to train."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables clipping)."})
-    loss_scale: float = field(default=10.0, metadata={"help": "Factor applied to the sum of per-layer KL losses."})
+    loss_scale: float = field(default=10.0, metadata={"help": "Factor applied to the sum of per-layer losses."})
+    distill_target: str = field(default="block_max", metadata={
+        "help": f"Prefill gates' target, one of {list(DISTILL_TARGETS)}: 'block_max', the max of the attention "
+                "probabilities over each query block x key block tile (the paper's; fused Triton kernel on "
+                "CUDA); 'block_mass', the mean over a query block's rows of the probability mass each puts on "
+                "the key block, the attention a kept block preserves (the same fused kernel, in a variant)."})
+    distill_loss: str = field(default="kl", metadata={
+        "help": f"Prefill gates' loss per layer, one of {list(DISTILL_LOSSES)}: 'kl', KL(target || gate); "
+                "'recall', the target mass the gate's share of each recall_loss_densities budget misses "
+                "(a block holding 1/k of the gate's probability counts as kept at a budget of k blocks)."})
+    recall_loss_densities: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.1], metadata={
+        "help": "Block densities (budgets, as density selection counts them) averaged by distill_loss 'recall'."})
     skip_first_query_blocks_fraction: float = field(default=0.25, metadata={
         "help": "Leave this fraction of the first query blocks out of the loss (they attend to few blocks)."})
     decode_token_share: float = field(default=0.5, metadata={
@@ -254,6 +267,16 @@ def validate(arguments: Arguments) -> None:
     _check(0.0 <= train.skip_first_query_blocks_fraction < 1.0, "skip_first_query_blocks_fraction",
            "a number in [0, 1)", train.skip_first_query_blocks_fraction)
     _check(gate.gate_type in GATE_TYPES, "gate_type", f"one of {list(GATE_TYPES)}", gate.gate_type)
+    _check(train.distill_target in DISTILL_TARGETS, "distill_target", f"one of {list(DISTILL_TARGETS)}",
+           train.distill_target)
+    _check(train.distill_loss in DISTILL_LOSSES, "distill_loss", f"one of {list(DISTILL_LOSSES)}", train.distill_loss)
+    _check(bool(train.recall_loss_densities) and all(0.0 < d <= 1.0 for d in train.recall_loss_densities),
+           "recall_loss_densities", "a non-empty list of numbers in (0, 1]", train.recall_loss_densities)
+    for name, default in (("distill_target", "block_max"), ("distill_loss", "kl")):
+        # Decode gates keep their own per-token KL target (decode_distill.py).
+        _check(gate.gate_type == "prefill" or getattr(train, name) == default, name,
+               f"{default!r} with gate_type {gate.gate_type!r} (other values train prefill gates only: "
+               "gate_type 'prefill')", getattr(train, name))
     _check(0.0 < train.decode_token_share <= 1.0, "decode_token_share", "a number in (0, 1]",
            train.decode_token_share)
     _check(all(0.0 < d <= 1.0 for d in gate.eval_densities), "eval_densities", "numbers in (0, 1]",

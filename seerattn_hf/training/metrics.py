@@ -1,7 +1,7 @@
-"""Distillation loss and gate-quality metrics on `DistillRecord`s (shared by training and evaluation).
+"""Distillation losses and gate-quality metrics on `DistillRecord`s (shared by training and evaluation).
 
 All functions take the per-layer tensors of a `DistillRecord`:
-    target: `[B, H, NB, NB]` float32 block max-pooled attention, rows summing to 1 (0 above the diagonal);
+    target: `[B, H, NB, NB]` float32 block-pooled attention, rows summing to 1 (0 above the diagonal);
     gate_log_probs: `[B, H, NB, NB]` float32 gate log-probabilities, -inf above the diagonal;
     row_valid: `[B, NB]` bool, query blocks holding real tokens.
 """
@@ -12,6 +12,9 @@ import torch
 
 from ..policy import SparsityPolicy
 from ..selectors import block_density_counts, select_blocks
+
+# "kl": KL(target || gate); "recall": the target mass a gate's budget share misses (`row_budget_recall`).
+DISTILL_LOSSES = ("kl", "recall")
 
 
 def loss_rows(row_valid: torch.Tensor, skip_fraction: float) -> torch.Tensor:
@@ -43,12 +46,48 @@ def layer_kl(target: torch.Tensor, gate_log_probs: torch.Tensor, row_valid: torc
     return (kl * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def distillation_loss(records, loss_scale: float = 10.0,
-                      skip_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training loss `loss_scale * sum over layers of layer_kl`, and the per-layer KLs `[L]`
+def row_budget_recall(target: torch.Tensor, gate_log_probs: torch.Tensor, density: float) -> torch.Tensor:
+    """Target mass recalled by the gate's share of a density budget, per query block row, `[B, H, NB]`.
+
+    Row i (of a sequence's own blocks) may keep k = ceil(density * (i + 1)) blocks, the budget of
+    density selection. Block j is kept "fractionally", `c_j = min(1, k * g_j)` (g the gate's
+    probabilities): the gate spends its unit of probability on the budget, and a block holding at
+    least 1/k of it is wholly kept. As `sum_j c_j <= k`, c is a fractional selection within the budget,
+    so the recall `sum_j t_j c_j` never exceeds the target mass of the row's k best blocks (the
+    oracle's recall), and reaches it exactly when the gate gives each of those blocks >= 1/k. The
+    surrogate is differentiable almost everywhere; saturated blocks stop pulling probability to
+    themselves, which goes to the blocks still short of their share, unlike KL, which also spends it
+    matching the shape of the target among blocks that are kept (or dropped) either way.
+    """
+    rows = torch.arange(1, target.shape[-1] + 1, device=target.device, dtype=torch.float64)
+    budget = torch.ceil(density * rows).to(target.dtype)  # [NB]
+    kept_share = (budget[:, None] * gate_log_probs.exp()).clamp(max=1.0)
+    return (target * kept_share).sum(dim=-1)
+
+
+def layer_missed_mass(target: torch.Tensor, gate_log_probs: torch.Tensor, row_valid: torch.Tensor,
+                      densities=(0.5, 0.3, 0.1), skip_fraction: float = 0.0) -> torch.Tensor:
+    """Mean over budgets, heads and the loss rows of `row_valid` of 1 - `row_budget_recall` (a scalar in
+    [0, 1]: the target mass the budgets miss). Several budgets reward a ranking, not one cut."""
+    rows = loss_rows(row_valid, skip_fraction)
+    missed = torch.stack([1.0 - row_budget_recall(target, gate_log_probs, d) for d in densities]).mean(dim=0)
+    weights = rows[:, None, :].expand_as(missed).to(missed.dtype)
+    return (missed * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def distillation_loss(records, loss_scale: float = 10.0, skip_fraction: float = 0.25, loss: str = "kl",
+                      recall_densities=(0.5, 0.3, 0.1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss `loss_scale * sum over layers` of `layer_kl` (loss "kl") or of
+    `layer_missed_mass` at `recall_densities` (loss "recall"), and the per-layer values `[L]`
     (detached) for logging."""
-    per_layer = torch.stack([layer_kl(record.target, record.gate_log_probs, record.row_valid, skip_fraction)
-                             for record in records])
+    if loss not in DISTILL_LOSSES:
+        raise ValueError(f"distillation loss: expected one of {list(DISTILL_LOSSES)}, found {loss!r}")
+    if loss == "kl":
+        values = [layer_kl(r.target, r.gate_log_probs, r.row_valid, skip_fraction) for r in records]
+    else:
+        values = [layer_missed_mass(r.target, r.gate_log_probs, r.row_valid, recall_densities, skip_fraction)
+                  for r in records]
+    per_layer = torch.stack(values)
     return loss_scale * per_layer.sum(), per_layer.detach()
 
 

@@ -1,9 +1,9 @@
 """Self-distillation of SeerAttention gates with Accelerate: the training loop.
 
 The base model is frozen; in distillation mode each gated layer returns the dense attention output
-and records its block max-pooled attention map (the target) next to the gate's log-probabilities.
-The loss is `loss_scale * sum over layers of KL(target || gate)`; only the gates of `gate_type` are
-trained. Decode gates (`decode_distill.py`) are trained layer by layer: each layer's loss is
+and records its block-pooled attention map (the target, `distill_target`) next to the gate's
+log-probabilities. The loss is `loss_scale * sum over layers` of KL(target || gate) or of the target
+mass missed at budgets (`distill_loss`); only the gates of `gate_type` are trained. Decode gates (`decode_distill.py`) are trained layer by layer: each layer's loss is
 back-propagated inside the forward, before the next layer's target exists (their targets are
 `[B, HKV, T, NB]`), so those runs call the model unwrapped and average the gates' gradients over the
 processes themselves.
@@ -52,7 +52,8 @@ def add_gates(model, arguments: Arguments) -> list[torch.nn.Parameter]:
     apply_seer_attention(model, gate_config(arguments))
     set_attention_mode(model, "distill")
     kinds = trained_kinds(arguments)
-    set_distill_targets(model, kinds, DecodeDistillSettings(arguments.train.decode_token_share))
+    set_distill_targets(model, kinds, DecodeDistillSettings(arguments.train.decode_token_share),
+                        arguments.train.distill_target)
     for parameter in gate_parameters(model):
         parameter.requires_grad_(False)
     gates = gate_parameters(model, kinds)
@@ -158,10 +159,10 @@ class Trainer:
             set_distill_targets(self.base, ("decode",), self.decode_settings[False])
             metrics.update(decode_gate_quality(self.base, self.data.eval, batch_size, forward=self.base))
         if "prefill" in self.kinds:
-            set_distill_targets(self.base, ("prefill",))
+            set_distill_targets(self.base, ("prefill",), prefill_target=arguments.train.distill_target)
             metrics.update(gate_quality(self.base, self.data.eval, batch_size, arguments.gate.eval_densities,
                                         self._eval_thresholds(), forward=self.model))
-        set_distill_targets(self.base, self.kinds, self.decode_settings[True])
+        set_distill_targets(self.base, self.kinds, self.decode_settings[True], arguments.train.distill_target)
         self.log.write({"step": self.step, "eval": metrics})
         self.accelerator.log(tracker_scalars("eval/", metrics), step=self.step)
         if self.accelerator.is_main_process:
@@ -201,7 +202,7 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         layer_sum, micro_steps, grad_norm = None, 0, None
         final_eval: dict = {}
-        set_distill_targets(self.base, self.kinds, self.decode_settings[True])
+        set_distill_targets(self.base, self.kinds, self.decode_settings[True], train.distill_target)
         for batch in loader:
             with accelerator.accumulate(self.model):
                 per_layer = self._layerwise_step(batch) if self.layerwise else self._step(batch)
@@ -219,22 +220,24 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             window_steps += 1
-            per_layer_kl = accelerator.reduce(layer_sum / micro_steps, reduction="mean")
+            per_layer_loss = accelerator.reduce(layer_sum / micro_steps, reduction="mean")
             layer_sum, micro_steps = None, 0
-            step_loss = float(train.loss_scale * per_layer_kl.sum())
+            step_loss = float(train.loss_scale * per_layer_loss.sum())
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
             if self.step % train.logging_steps == 0 or self.step == train.max_steps:
-                record = {"step": self.step, "loss": step_loss, "kl": float(per_layer_kl.mean()),
+                # Per-layer values are named by the loss: "kl" or "missed_mass" (distill_loss "recall").
+                name = "kl" if train.distill_loss == "kl" else "missed_mass"
+                record = {"step": self.step, "loss": step_loss, name: float(per_layer_loss.mean()),
                           "lr": step_lr, "tokens_per_s": tokens_per_s,
                           "peak_memory_gib": peak_memory_gib(accelerator.device),
                           "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "kl_per_layer": [float(v) for v in per_layer_kl]}
+                          f"{name}_per_layer": [float(v) for v in per_layer_loss]}
                 self.log.write(record)
-                accelerator.log(tracker_scalars("train/", {k: v for k, v in record.items() if k != "kl_per_layer"}),
-                                step=self.step)
+                accelerator.log(tracker_scalars("train/", {k: v for k, v in record.items()
+                                                           if not k.endswith("_per_layer")}), step=self.step)
                 window_start, window_steps = time.perf_counter(), 0
             last = self.step >= train.max_steps
             pause = time.perf_counter()
@@ -249,11 +252,9 @@ class Trainer:
         return self._finish(final_eval)
 
     def _step(self, batch) -> torch.Tensor:
-        """Forward and backward of prefill distillation; returns the per-layer KLs `[L]` (detached)."""
-        train = self.arguments.train
+        """Forward and backward of prefill distillation; returns the per-layer losses `[L]` (detached)."""
         self.model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
-        loss, per_layer = distillation_loss(pop_distill_records(self.base), train.loss_scale,
-                                            train.skip_first_query_blocks_fraction)
+        loss, per_layer = self._prefill_loss()
         self.accelerator.backward(loss)
         return per_layer
 
@@ -262,15 +263,19 @@ class Trainer:
         as the forward reaches it (`_backward_layer`), prefill gates (gate_type "both") theirs after
         it. Called unwrapped: the gradients never pass through DDP's hooks (`_average_gate_gradients`
         reduces them). Returns the per-layer KLs, prefill layers first, `[L]` (detached)."""
-        train = self.arguments.train
         self.base(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
         per_layer = torch.stack([record.kl for record in pop_decode_distill_records(self.base)])
         if "prefill" in self.kinds:
-            loss, prefill = distillation_loss(pop_distill_records(self.base), train.loss_scale,
-                                              train.skip_first_query_blocks_fraction)
+            loss, prefill = self._prefill_loss()
             self._backward(loss)
             per_layer = torch.cat((prefill, per_layer))
         return per_layer
+
+    def _prefill_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
+        train = self.arguments.train
+        return distillation_loss(pop_distill_records(self.base), train.loss_scale,
+                                 train.skip_first_query_blocks_fraction, train.distill_loss,
+                                 train.recall_loss_densities)
 
     def _backward_layer(self, kl: torch.Tensor) -> None:
         self._backward(self.arguments.train.loss_scale * kl)

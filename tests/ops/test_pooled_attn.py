@@ -55,6 +55,52 @@ def test_naive_matches_dense_float64(case):
     assert (pooled.triu(1) == 0).all()
 
 
+def dense_mass_reference(q, k, v, block_size, seq_offsets=None):
+    """The block-mass map [B, HQ, NB, NB], float64, from the full P by explicit loops over queries:
+    entry (i, j) is the mean over the real queries t of block i of sum over keys of block j of P[t, key]."""
+    B, HQ, T, _ = q.shape
+    NB = (T + block_size - 1) // block_size
+    keep = torch.ones(B, 1, NB, NB, dtype=torch.bool, device=q.device)
+    p = dense_reference(q, k, v, keep, block_size, seq_offsets=seq_offsets)[2]
+    mass = torch.zeros(B, HQ, NB, NB, dtype=torch.float64)
+    for b in range(B):
+        off = 0 if seq_offsets is None else int(seq_offsets[b])
+        for i in range((T - off + block_size - 1) // block_size):
+            queries = range(off + i * block_size, min(off + (i + 1) * block_size, T))
+            for j in range(i + 1):
+                keys = slice(off + j * block_size, min(off + (j + 1) * block_size, T))
+                mass[b, :, i, j] = sum(p[b, :, t, keys].sum(-1) for t in queries) / len(queries)
+    return mass
+
+
+@pytest.mark.parametrize("case", CASES + [(3, 77, 6, 2, 16, 16, True)], ids=case_id)
+def test_naive_block_mass_matches_dense_float64(case):
+    B, T, HQ, HKV, D, bs, pad = case
+    q, k, v = make_qkv(B, HQ, HKV, T, D)
+    q = q * 3.0  # peaked rows: the mass of a block differs from its share of the maxima
+    offsets = make_offsets(B, T) if pad else None
+    o, mass = naive_pooled_attention(q, k, v, bs, seq_offsets=offsets, target="block_mass")
+    ref = dense_mass_reference(q, k, v, bs, offsets)
+    assert mass.shape == ref.shape and mass.dtype == torch.float32
+    assert rel_rms(mass, ref) < 1e-5
+    assert rel_rms(o, dense_pooled_reference(q, k, v, bs, offsets)[0]) < 1e-5
+    # Rows of the brute force sum to 1 by construction (no normalization there); rows outside a
+    # sequence are 0, and nothing lies above the diagonal.
+    ref_sums = ref.sum(-1)
+    assert torch.allclose(ref_sums[ref_sums > 0], torch.ones((), dtype=torch.float64), atol=1e-9)
+    assert torch.equal(mass.sum(-1) > 0, ref_sums > 0)
+    assert torch.allclose(mass.sum(-1)[ref_sums > 0], torch.ones(()), atol=1e-5)
+    assert (mass.triu(1) == 0).all()
+    if T > bs:
+        assert rel_rms(mass, naive_pooled_attention(q, k, v, bs, seq_offsets=offsets)[1]) > 1e-2
+
+
+def test_unknown_target_is_refused():
+    q, k, v = make_qkv(1, 2, 1, 32, 16)
+    with pytest.raises(ValueError, match="block_max.*block_sum"):
+        naive_pooled_attention(q, k, v, 16, target="block_sum")
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_triton_matches_naive(case, dtype, nan_empty):
@@ -67,6 +113,30 @@ def test_triton_matches_naive(case, dtype, nan_empty):
     assert o.dtype == dtype and pooled.dtype == torch.float32
     assert rel_rms(o, ref_o) < tol
     assert rel_rms(pooled, ref_pooled) < tol
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_block_mass_matches_naive(case, dtype, nan_empty):
+    B, T, HQ, HKV, D, bs, pad = case
+    q, k, v = make_qkv(B, HQ, HKV, T, D, dtype, device())
+    k = growing_keys(k)  # the running maximum moves: the block sums must be rescaled right
+    offsets = make_offsets(B, T, device()) if pad else None
+    o, mass = triton_pooled_attention(q, k, v, bs, seq_offsets=offsets, target="block_mass")
+    ref_o, ref_mass = naive_pooled_attention(q, k, v, bs, seq_offsets=offsets, target="block_mass")
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert rel_rms(o, ref_o) < tol and rel_rms(mass, ref_mass) < tol
+
+
+def test_triton_block_mass_with_several_key_blocks_per_step(nan_empty):
+    from seerattn_hf.ops.pooled_attn.triton import pooled_attn_fwd
+
+    q, k, v = make_qkv(2, 4, 1, 150, 32, torch.float16, device())
+    offsets = torch.tensor([0, 29], device=device())
+    o, mass = pooled_attn_fwd(q, k, v, 16, seq_offsets=offsets, target="block_mass", block_q=32, heads_per_tile=2,
+                              block_n=32, chunk=4, num_programs=2)
+    ref_o, ref_mass = naive_pooled_attention(q, k, v, 16, seq_offsets=offsets, target="block_mass")
+    assert rel_rms(o, ref_o) < 3e-3 and rel_rms(mass, ref_mass) < 3e-3
 
 
 def test_triton_packed_heads_and_small_steps(nan_empty):

@@ -100,7 +100,7 @@ def decode_pooled_attn_fwd_kernel(
                     k_tile = k_desc.load([t0, 0])
                     v_tile = v_desc.load([t0, 0])
                     s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
-                    m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_Q, BS, SPLIT)
+                    m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_Q, BS, SPLIT, MASS=False)
                     m_i, l_i, acc = online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, False,
                                                         INPUT_PRECISION)
 
@@ -112,7 +112,7 @@ def decode_pooled_attn_fwd_kernel(
                     v_tile = v_desc.load([t0, 0])
                     s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
                     s = tl.where((t_k[None, :] <= t_q[:, None]) & (t_k < T)[None, :], s, float("-inf"))
-                    m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_Q, BS, SPLIT)
+                    m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_Q, BS, SPLIT, MASS=False)
                     m_i, l_i, acc = online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, True,
                                                         INPUT_PRECISION)
 

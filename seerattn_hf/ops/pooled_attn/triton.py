@@ -8,6 +8,11 @@ division then normalizes each row. The grid is persistent (a few programs per SM
 heaviest first), so the scratch is [programs, NB, tile rows], not T x NB: extra memory is that plus
 the map itself, [B, HQ, NB, NB]. Each step computes q k^T once, for the softmax and the map
 alike: two matrix products per step, as in plain attention (design notes: docs/kernels.md).
+
+Target "block_mass" runs the same pass with MASS set: the scratch holds each row's log-sum-exp of
+its scores in each key block instead of their max (one more exponential per score), and the
+epilogue sums exp(block lse - row lse), the row's mass on the block, over the query block's rows
+instead of taking their max (the row normalization turns the sum into the mean of the target).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ..triton_common import (
     online_softmax_step,
     query_tile_count,
 )
+from .naive import check_pooled_target
 
 
 @triton.jit
@@ -39,7 +45,7 @@ def pooled_attn_fused_kernel(
     T, NB, n_qtiles, scratch_blocks, qk_scale,
     B: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, GM: tl.constexpr, D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASS: tl.constexpr,
 ):
     """One pass: dense causal flash attention that also records, for every row and key block, the
     row's largest score in that block (scratch), and turns them into the block-max map once the
@@ -102,7 +108,7 @@ def pooled_attn_fused_kernel(
                 k_tile = k_desc.load([t0, 0])
                 v_tile = v_desc.load([t0, 0])
                 s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
-                m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M, BS, SPLIT)
+                m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M, BS, SPLIT, MASS)
                 m_i, l_i, acc = online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, False,
                                                     INPUT_PRECISION)
 
@@ -114,7 +120,7 @@ def pooled_attn_fused_kernel(
                 v_tile = v_desc.load([t0, 0])
                 s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
                 s = tl.where((t_k[None, :] <= t_q[:, None]) & (t_k < T)[None, :], s, float("-inf"))
-                m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M, BS, SPLIT)
+                m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M, BS, SPLIT, MASS)
                 m_i, l_i, acc = online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, True,
                                                     INPUT_PRECISION)
 
@@ -134,7 +140,10 @@ def pooled_attn_fused_kernel(
                 j = j0 + tl.arange(0, CHUNK)
                 best = tl.load(scr + j[:, None] * BLOCK_M + r[None, :], mask=(j < n_kb)[:, None],
                                other=float("-inf"))
-                prob = tl.max(tl.reshape(tl.exp2(best - row_lse[None, :]), [CHUNK, NG, BS]), 2)
+                if MASS:
+                    prob = tl.sum(tl.reshape(tl.exp2(best - row_lse[None, :]), [CHUNK, NG, BS]), 2)
+                else:
+                    prob = tl.max(tl.reshape(tl.exp2(best - row_lse[None, :]), [CHUNK, NG, BS]), 2)
                 tl.store(out[None, :] + j[:, None], prob,
                          mask=(j[:, None] <= q_blk[None, :]) & (q_blk * BS < T - off)[None, :])
             tl.debug_barrier()  # the next tile overwrites the scratch
@@ -142,19 +151,34 @@ def pooled_attn_fused_kernel(
 
 @triton.jit
 def _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_M: tl.constexpr, BS: tl.constexpr,
-                      SPLIT: tl.constexpr):
-    """Store each row's largest scaled score in each key block of this step into the scratch;
-    return the step's row maxima (the online softmax needs them anyway)."""
+                      SPLIT: tl.constexpr, MASS: tl.constexpr):
+    """Store each row's largest scaled score in each key block of this step into the scratch (MASS:
+    the log2-sum-exp2 of its scaled scores there, -inf for a wholly masked block); return the
+    step's row maxima (the online softmax needs them anyway)."""
     if SPLIT == 1:
         m_step = tl.max(s, 1) * qk_scale  # the scale is positive: max first
-        tl.store(scr + step * BLOCK_M + r, m_step)
+        record = m_step
+        if MASS:
+            record = _block_lse(s, m_step, qk_scale)
+        tl.store(scr + step * BLOCK_M + r, record)
     else:
         m_step = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for sub in tl.static_range(SPLIT):
-            m_sub = tl.max(tl.where((cols // BS == sub)[None, :], s, float("-inf")), 1) * qk_scale
-            tl.store(scr + (step * SPLIT + sub) * BLOCK_M + r, m_sub)
+            s_sub = tl.where((cols // BS == sub)[None, :], s, float("-inf"))
+            m_sub = tl.max(s_sub, 1) * qk_scale
+            record = m_sub
+            if MASS:
+                record = _block_lse(s_sub, m_sub, qk_scale)
+            tl.store(scr + (step * SPLIT + sub) * BLOCK_M + r, record)
             m_step = tl.maximum(m_step, m_sub)
     return m_step
+
+
+@triton.jit
+def _block_lse(s, m, qk_scale):
+    """Row-wise log2(sum(exp2(s * qk_scale))) given the rows' scaled maxima m (-inf rows stay -inf)."""
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    return m_use + tl.log2(tl.sum(tl.exp2(s * qk_scale - m_use[:, None]), 1))
 
 
 def fused_config(block_size, D, dtype):
@@ -171,11 +195,12 @@ def fused_config(block_size, D, dtype):
     return block_q, 1, 64, 4, 2, 2, 128
 
 
-def pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, block_q=None,
+def pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, target="block_max", block_q=None,
                           heads_per_tile=None, block_n=None, num_warps=None, num_stages=None,
                           programs_per_sm=None, chunk=None, num_programs=None):
     """Launcher of the one-pass kernel; the keyword arguments override its heuristic (benchmarks,
-    tests). Returns o and the unnormalized pooled map."""
+    tests). Returns o and the unnormalized pooled map of `target` ("block_max" or "block_mass")."""
+    check_pooled_target(target)
     B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
     G = HQ // HKV
     check_seq_offsets(seq_offsets, B)
@@ -212,31 +237,34 @@ def pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, blo
         T, NB, n_qtiles, scratch_blocks, scale * LOG2E,
         B=B, HQ=HQ, G=G, GM=gm, D=D, BLOCK_Q=bq, BS=block_size, BLOCK_N=bn,
         CHUNK=ch, HAS_OFFSETS=seq_offsets is not None,
-        INPUT_PRECISION=input_precision(q.dtype),
+        INPUT_PRECISION=input_precision(q.dtype), MASS=target == "block_mass",
         num_warps=nw, num_stages=ns,
     )
     return o, pooled
 
 
-def pooled_attn_fwd(q, k, v, block_size, scale=None, seq_offsets=None, **config):
+def pooled_attn_fwd(q, k, v, block_size, scale=None, seq_offsets=None, target="block_max", **config):
     """Launcher: the one-pass kernel, then each map row divided by its sum. config: keyword
     overrides of `pooled_attn_fused_fwd` (benchmarks, tests)."""
-    o, pooled = pooled_attn_fused_fwd(q, k, v, block_size, scale=scale, seq_offsets=seq_offsets, **config)
+    o, pooled = pooled_attn_fused_fwd(q, k, v, block_size, scale=scale, seq_offsets=seq_offsets, target=target,
+                                      **config)
     pooled /= pooled.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return o, pooled
 
 
-def triton_pooled_attention(q, k, v, block_size, scale=None, seq_offsets=None):
-    """Dense causal attention and its row-normalized block-max-pooled probability map.
+def triton_pooled_attention(q, k, v, block_size, scale=None, seq_offsets=None, target="block_max"):
+    """Dense causal attention and its row-normalized block-pooled probability map.
 
     Args:
         q: [B, HQ, T, D]; k, v: [B, HKV, T, D] (GQA read in place); block_size: power of two in
             [16, 128]; NB = ceil(T / block_size). scale: default D ** -0.5.
         seq_offsets: [B] int or None: left padding, blocks counted from each sequence's start.
+        target: "block_max" or "block_mass", as in `naive_pooled_attention`.
 
     Returns:
         o: [B, T, HQ, D] in q.dtype; pooled: [B, HQ, NB, NB] float32, pooled[b, h, i, j] = max of
         the attention probabilities over query block i x key block j (0 above the diagonal), rows
-        normalized to sum 1 (rows outside the sequence 0).
+        normalized to sum 1 (rows outside the sequence 0); "block_mass": the mean over block i's
+        rows of their probability mass on key block j.
     """
-    return pooled_attn_fwd(q, k, v, block_size, scale=scale, seq_offsets=seq_offsets)
+    return pooled_attn_fwd(q, k, v, block_size, scale=scale, seq_offsets=seq_offsets, target=target)
