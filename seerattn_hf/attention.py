@@ -287,8 +287,10 @@ def _selection_scores(state: SeerLayerState, gate: SeerGate, query, key, value, 
             return gate(captured_query, captured_key, seq_offsets,
                         probabilities=policy.sparsity_method not in RANKING_METHODS,
                         fused=fused_gate(policy, query.device))
-    if policy.selector == "oracle":
-        return pooled_attention(query, key, value, state.block_size, scale, seq_offsets, policy.backend)[1]
+    if policy.selector in ("oracle", "oracle_mass"):
+        target = "block_max" if policy.selector == "oracle" else "block_mass"
+        return pooled_attention(query, key, value, state.block_size, scale, seq_offsets, policy.backend,
+                                target)[1]
     if policy.selector == "pooled_score":
         return pooled_score_probs(query, key, state.block_size, seq_offsets)
     # "streaming": the policy guarantees a ranking method (its scores are a ranking, not probabilities).

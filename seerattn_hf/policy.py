@@ -14,7 +14,7 @@ from .decode_selection import DECODE_SELECTORS, DECODE_SPARSITY_METHODS
 from .gate_config import field_names
 from .validation import InvalidSetting, check, is_integer, is_number, reject_unknown
 
-SELECTORS = ("gate", "oracle", "pooled_score", "streaming")
+SELECTORS = ("gate", "oracle", "oracle_mass", "pooled_score", "streaming")
 SPARSITY_METHODS = ("threshold", "density", "coverage", "nz_ratio", "calibrated_threshold")
 # The methods that rank blocks (they need no probabilities, so a position ranking can feed them).
 RANKING_METHODS = ("density", "nz_ratio")
@@ -32,7 +32,9 @@ THRESHOLDS_EXPECTED = ("None, or a mapping from layer index to a non-empty list 
 @dataclass(frozen=True)
 class SparsityPolicy:
     """selector: where block scores come from: "gate" (trained gates), "oracle" (the true block
-        max-pooled attention map), "pooled_score" (mean-pooled q.k per block, training free) or
+        max-pooled attention map: the distillation target), "oracle_mass" (the attention mass each key
+        block carries, averaged over the query block's rows: what a kept set must cover, so per-row
+        top-k on it keeps the most mass a budget can), "pooled_score" (mean-pooled q.k per block, training free) or
         "streaming" (first block plus the most recent blocks; ranks by position, so density or
         nz_ratio only).
     sparsity_method: "threshold" (keep blocks whose probability exceeds `threshold`), "density" (keep

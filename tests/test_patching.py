@@ -256,6 +256,29 @@ def test_oracle_keeps_more_attention_mass_than_streaming(monkeypatch):
     assert oracle_mass.mean() > streaming_mass.mean()
 
 
+def test_the_mass_oracle_keeps_the_most_attention_mass_a_budget_can(monkeypatch):
+    from seerattn_hf.ops.pooled_attn import naive_pooled_attention
+
+    model = tiny_model("llama", num_heads=4, num_kv_heads=2)
+    input_ids = torch.randint(0, 96, (1, 150))
+    sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=16, selector="oracle",
+                                                         sparsity_method="density", density=0.3))
+    first_layer = {}
+    for selector in ("oracle", "oracle_mass"):
+        recorder = _RecordingAttention()
+        monkeypatch.setattr("seerattn_hf.attention.block_sparse_attention", recorder)
+        sa.update_sparsity_config(model, selector=selector)
+        _logits(model, input_ids)
+        first_layer[selector] = recorder.calls[0]
+    query, key, value, _, _, block_size, scale = first_layer["oracle"]
+    mass = naive_pooled_attention(query, key, value, block_size, scale=scale, target="block_mass")[1]
+    by_max = _kept_mass(mass, *first_layer["oracle"][3:5])
+    by_mass = _kept_mass(mass, *first_layer["oracle_mass"][3:5])
+    assert torch.equal(first_layer["oracle"][4], first_layer["oracle_mass"][4]), "same budget per row"
+    assert (by_mass >= by_max - 1e-6).all()
+    assert by_mass.mean() > by_max.mean()
+
+
 def test_errors_are_clear():
     from transformers import GPT2Config, GPT2LMHeadModel
 
