@@ -233,50 +233,33 @@ def _kept_mass(pooled, block_idx, block_count):
     return (pooled * kept).sum(-1)
 
 
-def test_oracle_keeps_more_attention_mass_than_streaming(monkeypatch):
+@pytest.mark.parametrize("better, worse, target, num_heads, length, density", [
+    ("oracle", "streaming", "block_max", 2, 128, 0.25),
+    # per-row top-k on the block mass keeps the most mass any selection of that budget can
+    ("oracle_mass", "oracle", "block_mass", 4, 150, 0.3),
+], ids=["oracle-vs-streaming", "oracle_mass-vs-oracle"])
+def test_an_oracle_keeps_more_attention_mass_than_a_weaker_selection(monkeypatch, better, worse, target,
+                                                                     num_heads, length, density):
     from seerattn_hf.ops.pooled_attn import naive_pooled_attention
 
-    model = tiny_model("llama", num_heads=2, num_kv_heads=2)
-    input_ids = torch.randint(0, 96, (1, 128))
+    model = tiny_model("llama", num_heads=num_heads, num_kv_heads=2)
+    input_ids = torch.randint(0, 96, (1, length))
     sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=16, selector="oracle",
-                                                         sparsity_method="density", density=0.25))
+                                                         sparsity_method="density", density=density))
     first_layer = {}
-    for selector in ("oracle", "streaming"):
+    for selector in (better, worse):
         recorder = _RecordingAttention()
         monkeypatch.setattr("seerattn_hf.attention.block_sparse_attention", recorder)
         sa.update_sparsity_config(model, selector=selector)
         _logits(model, input_ids)
         first_layer[selector] = recorder.calls[0]  # layer 0 sees the same q/k/v in both runs
-    query, key, value, _, _, block_size, scale = first_layer["oracle"]
-    pooled = naive_pooled_attention(query, key, value, block_size, scale=scale)[1]
-    oracle_mass = _kept_mass(pooled, *first_layer["oracle"][3:5])
-    streaming_mass = _kept_mass(pooled, *first_layer["streaming"][3:5])
-    assert torch.equal(first_layer["oracle"][4], first_layer["streaming"][4]), "same budget per row"
-    assert (oracle_mass >= streaming_mass - 1e-6).all()
-    assert oracle_mass.mean() > streaming_mass.mean()
-
-
-def test_the_mass_oracle_keeps_the_most_attention_mass_a_budget_can(monkeypatch):
-    from seerattn_hf.ops.pooled_attn import naive_pooled_attention
-
-    model = tiny_model("llama", num_heads=4, num_kv_heads=2)
-    input_ids = torch.randint(0, 96, (1, 150))
-    sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=16, selector="oracle",
-                                                         sparsity_method="density", density=0.3))
-    first_layer = {}
-    for selector in ("oracle", "oracle_mass"):
-        recorder = _RecordingAttention()
-        monkeypatch.setattr("seerattn_hf.attention.block_sparse_attention", recorder)
-        sa.update_sparsity_config(model, selector=selector)
-        _logits(model, input_ids)
-        first_layer[selector] = recorder.calls[0]
-    query, key, value, _, _, block_size, scale = first_layer["oracle"]
-    mass = naive_pooled_attention(query, key, value, block_size, scale=scale, target="block_mass")[1]
-    by_max = _kept_mass(mass, *first_layer["oracle"][3:5])
-    by_mass = _kept_mass(mass, *first_layer["oracle_mass"][3:5])
-    assert torch.equal(first_layer["oracle"][4], first_layer["oracle_mass"][4]), "same budget per row"
-    assert (by_mass >= by_max - 1e-6).all()
-    assert by_mass.mean() > by_max.mean()
+    query, key, value, _, _, block_size, scale = first_layer[better]
+    pooled = naive_pooled_attention(query, key, value, block_size, scale=scale, target=target)[1]
+    better_mass = _kept_mass(pooled, *first_layer[better][3:5])
+    worse_mass = _kept_mass(pooled, *first_layer[worse][3:5])
+    assert torch.equal(first_layer[better][4], first_layer[worse][4]), "same budget per row"
+    assert (better_mass >= worse_mass - 1e-6).all()
+    assert better_mass.mean() > worse_mass.mean()
 
 
 def test_errors_are_clear():
