@@ -1,4 +1,4 @@
-"""Documents to train or evaluate on: local files, a Hub dataset, or the embedded Shakespeare corpus.
+"""Documents to train or evaluate on: local files, a Hub dataset, or an embedded corpus.
 
 One loader for training and evaluation: `load_document_dataset` returns a `datasets.Dataset` (an
 `IterableDataset` when streaming), which training tokenizes and packs; `load_document_records` reads
@@ -7,6 +7,8 @@ the same sources into `{"title", "text"}` records for evaluation.
 Local files: .txt and .md (one document per file), .json and .jsonl (JSON lines, or one JSON array of
 objects) and .parquet, each optionally compressed (.gz, .bz2, .xz, .zst); glob patterns allowed. With
 neither files nor a Hub dataset, the embedded corpus (seerattn_hf/data/) is read: no network needed.
+A dataset name "embedded:<name>" picks an embedded corpus ("embedded:shakespeare", the default, or
+"embedded:extended": the plays plus Milton and the King James Bible for training, the same held-out plays).
 """
 
 from __future__ import annotations
@@ -68,9 +70,12 @@ def load_document_dataset(data_files: list[str] | None = None, dataset_name: str
 
     data_files: glob patterns of local files of one kind (split "train": datasets' name for the only
     split of local files). dataset_name: a Hub dataset (or a local dataset folder), its `split`.
-    Neither: the embedded corpus' `split`, "train" or "test" (four held-out plays), never streamed.
+    Neither, or dataset_name "embedded:<name>": that embedded corpus' `split` (default "embedded:shakespeare"),
+    "train" or "test" (four held-out plays), never streamed.
     """
     import datasets
+
+    from .data import is_embedded_name
 
     if data_files and dataset_name:
         raise ValueError(f"expected --data_files or --dataset_name, found both ({data_files} and {dataset_name!r})")
@@ -78,15 +83,20 @@ def load_document_dataset(data_files: list[str] | None = None, dataset_name: str
         builder, files = expand_data_files(data_files)
         options = {"sample_by": "document"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split=split, streaming=streaming, **options)
-    if dataset_name:
+    if not is_embedded_name(dataset_name):
         return datasets.load_dataset(dataset_name, dataset_config, split=split, streaming=streaming,
                                      revision=revision)
-    from .data import DEFAULT_CORPUS, SPLITS
+    return datasets.Dataset.from_list(embedded_records(dataset_name, split))
 
+
+def embedded_records(dataset_name: str | None, split: str) -> list[dict]:
+    """The `split` of the embedded corpus `dataset_name` names (None: the default one) as records."""
+    from .data import SPLITS, corpus_name, load_default_corpus
+
+    name = corpus_name(dataset_name)
     if split not in SPLITS:
-        raise ValueError(f"split of the embedded corpus: expected one of {list(SPLITS)}, found {split!r}")
-    corpus = datasets.load_dataset("json", data_files=str(DEFAULT_CORPUS), split="train")
-    return corpus.filter(lambda record: record["split"] == split)
+        raise ValueError(f"split of the embedded corpus {name!r}: expected one of {list(SPLITS)}, found {split!r}")
+    return load_default_corpus(split, name)
 
 
 def check_text_column(documents, text_column: str, source: str = "the data") -> None:
@@ -105,12 +115,18 @@ def load_document_records(data_files: list[str] | None = None, dataset_name: str
     """Documents as `{"title", "text"}` records, at most `limit` of them.
 
     data_files: glob patterns of local files; each file is read alone, so kinds may be mixed and a
-    title can name its file. dataset_name: a Hub dataset, streamed, its `split`. Neither: the embedded
-    corpus' "test" plays (never used for gate training). A title is the record's "short_book_title"
-    (PG19) or "title" field, else the file's name (a plain-text file) or "<name>:<record number>".
+    title can name its file. dataset_name: a Hub dataset, streamed, its `split`, or "embedded:<name>", that
+    embedded corpus' `split`. Neither: the embedded corpus' "test" plays (never used for gate training). A
+    title is the record's "short_book_title" (PG19) or "title" field, else the file's name (a plain-text
+    file) or "<name>:<record number>".
     """
+    from .data import is_embedded_name
+
     if data_files and dataset_name:
         raise ValueError(f"expected --data_files or --dataset_name, found both ({data_files} and {dataset_name!r})")
+    if dataset_name and is_embedded_name(dataset_name):
+        return _records(load_document_dataset(dataset_name=dataset_name, split=split), text_column, dataset_name,
+                        dataset_name, limit)
     if dataset_name:
         documents = load_document_dataset(dataset_name=dataset_name, dataset_config=dataset_config, split=split,
                                           streaming=True)

@@ -172,7 +172,9 @@ def ppl_parser() -> argparse.ArgumentParser:
     _add_model_arguments(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--data_files", nargs="*", default=None, help=DATA_FILES_HELP)
-    data.add_argument("--dataset_name", default=None, help="a Hub dataset (streamed), e.g. emozilla/pg19-test")
+    data.add_argument("--dataset_name", default=None,
+                      help="a Hub dataset (streamed), e.g. emozilla/pg19-test, or an embedded corpus "
+                           "(embedded:shakespeare, embedded:extended: --split test is the same four held-out plays)")
     data.add_argument("--dataset_config", default=None)
     data.add_argument("--split", default="test")
     data.add_argument("--text_column", default="text")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from ..data import CORPORA, EMBEDDED_PREFIX, is_embedded_name
 from ..embedded import EMBEDDED_MODEL
 from ..ops.pooled_attn import POOLED_TARGETS as DISTILL_TARGETS
 from .metrics import DISTILL_LOSSES
@@ -23,6 +24,7 @@ MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 GATE_TYPES = ("prefill", "decode", "both")
 # Prefill stays dense with an adapter whose prefill gates were not trained (gate_type "decode").
 DENSE_PREFILL_LENGTH = 2**62
+EMBEDDED_CORPORA = [EMBEDDED_PREFIX + name for name in CORPORA]
 REPORT_TO = ("auto", "none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
              "trackio", "swanlab")
 
@@ -50,9 +52,11 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset_name: str | None = field(default=None, metadata={
-        "help": "Hub dataset name (or a local dataset script/folder) read with datasets.load_dataset. When "
-                "neither this nor data_files is set, the embedded Shakespeare corpus is used (its 'test' "
-                "split, four held-out plays, is the evaluation set)."})
+        "help": "Hub dataset name (or a local dataset script/folder) read with datasets.load_dataset, or an "
+                "embedded corpus: 'embedded:shakespeare' (39 Shakespeare plays and poems, the default when neither "
+                "this nor data_files is set) or 'embedded:extended' (the same, and Milton and the King James "
+                "Bible added to its training split). An embedded corpus' 'test' split, four held-out plays, is "
+                "the evaluation set."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of dataset_name."})
     dataset_revision: str | None = field(default=None, metadata={
         "help": "Revision of dataset_name; 'refs/convert/parquet' reads the Hub's parquet export of a dataset "
@@ -251,6 +255,9 @@ def validate(arguments: Arguments) -> None:
     _check(not (data.dataset_name and data.data_files), "data_files",
            "either dataset_name or data_files, not both (`--dataset_name none` unsets a configured dataset)",
            data.data_files)
+    if data.dataset_name and is_embedded_name(data.dataset_name):
+        _check(data.dataset_name[len(EMBEDDED_PREFIX):] in CORPORA, "dataset_name",
+               f"a Hub dataset or an embedded corpus, one of {EMBEDDED_CORPORA}", data.dataset_name)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "max_steps", "logging_steps"):
         value = getattr(train, name)

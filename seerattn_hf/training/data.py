@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import is_embedded_name
 from ..documents import check_text_column, load_document_dataset
 from .arguments import DataArguments
 
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 def load_documents(data: DataArguments, split: str):
     """The documents of one split as a `datasets.Dataset` (or `IterableDataset` when streaming).
 
-    `split` is "train" or "test" for the embedded corpus, otherwise a split name of the dataset.
+    `split` is "train" or "test" for an embedded corpus, otherwise a split name of the dataset.
     """
     return load_document_dataset(data.data_files, data.dataset_name, data.dataset_config_name, split,
                                  streaming=data.streaming, revision=data.dataset_revision)
@@ -101,13 +102,13 @@ class PackedData:
 def prepare_packed_data(data: DataArguments, tokenizer, num_train_sequences: int, seed: int) -> PackedData:
     """Load, check, tokenize and pack the run's data.
 
-    Evaluation: the embedded corpus' "test" plays, `eval_split` when given, otherwise the first
+    Evaluation: an embedded corpus' "test" plays, `eval_split` when given, otherwise the first
     `eval_num_sequences` packed sequences of the (shuffled) training data, which then are not trained on.
     """
-    embedded = data.dataset_name is None and not data.data_files
+    embedded = is_embedded_name(data.dataset_name) and not data.data_files
     documents = load_documents(data, "train" if embedded else data.dataset_split)
     check_text_column(documents, data.text_column)
-    if data.streaming:
+    if data.streaming and not embedded:  # an embedded corpus is read whole, never streamed
         documents = documents.shuffle(seed=seed, buffer_size=data.shuffle_buffer_size)
     else:
         documents = documents.shuffle(seed=seed)

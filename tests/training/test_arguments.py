@@ -46,6 +46,16 @@ def test_none_unsets_an_optional_field_from_yaml():
     assert arguments.data.dataset_name is None and arguments.data.data_files == ["a.parquet"]
 
 
+def test_embedded_corpus_names():
+    arguments = parse_arguments(["--dataset_name", "embedded:extended"])
+    assert arguments.data.dataset_name == "embedded:extended"
+    extended = parse_arguments(["--config", str(CONFIGS / "smollm2-135m-8k-extended.yaml")])
+    assert extended.data.dataset_name == "embedded:extended" and extended.data.seq_len == 8192
+    with pytest.raises(ValueError, match=r"--dataset_name: expected a Hub dataset or an embedded corpus, one of "
+                                         r"\['embedded:shakespeare', 'embedded:extended'\], found 'embedded:bible'"):
+        parse_arguments(["--dataset_name", "embedded:bible"])
+
+
 def test_defaults_without_config():
     arguments = parse_arguments([])
     assert arguments.model.model_name_or_path == "embedded:smollm2-135m"

@@ -165,6 +165,24 @@ def test_embedded_corpus_holds_out_the_test_plays():
     assert packed.train.shape == (3, 256) and packed.eval.shape == (2, 256)
 
 
+def test_the_extended_corpus_trains_on_more_and_evaluates_on_the_same_plays():
+    # One document tokenized at a time: packing stops after the few sequences asked for.
+    extended = DataArguments(dataset_name="embedded:extended", seq_len=256, eval_num_sequences=2,
+                             preprocessing_batch_size=1)
+    train = load_documents(extended, "train")
+    assert len(train) == 35 + 74 and "Paradise Lost" in train["title"]
+    assert load_documents(extended, "test")["title"] == load_documents(DataArguments(), "test")["title"]
+    tokenizer = character_tokenizer()
+    packed = prepare_packed_data(extended, tokenizer, num_train_sequences=3, seed=0)
+    default = prepare_packed_data(DataArguments(seq_len=256, eval_num_sequences=2, preprocessing_batch_size=1),
+                                  tokenizer, 3, seed=0)
+    assert packed.train.shape == (3, 256) and torch.equal(packed.eval, default.eval)
+    # The embedded corpus is read whole: a `streaming` left on by a Hub recipe does not stream it.
+    streamed = DataArguments(dataset_name="embedded:extended", seq_len=256, eval_num_sequences=2,
+                             preprocessing_batch_size=1, streaming=True)
+    assert torch.equal(prepare_packed_data(streamed, tokenizer, 3, seed=0).train, packed.train)
+
+
 def test_a_column_of_text_lists_gives_one_document_per_text(tmp_path):
     """OpenR1-Math keeps several reasoning traces of one problem in a list (`generations`)."""
     from seerattn_hf.training.data import iter_texts
