@@ -3,8 +3,9 @@
 The step timed is the trainer's: a distillation forward (dense attention plus the block max-pooled
 target on every gated layer), the KL loss, a backward through the gates only, and an AdamW step.
 With `--gate_type decode` the target is each token's decode target (`ops/decode_pooled_attn`) over the
-last `--decode_token_share` of the sequence, and each layer back-propagates its loss inside the
-forward, as the trainer does. Random token ids and weights cost what real ones do.
+last `--decode_token_share` of the sequence (`--decode_distill_target` block_max or block_mass), and
+each layer back-propagates its loss inside the forward, as the trainer does. Random token ids and
+weights cost what real ones do.
 
     python scripts/bench_training.py --config_preset llama-3.1-8b --seq_lens 8192 32768 --output bench_training.json
     python scripts/bench_training.py --gate_type decode --seq_lens 32768 --output bench_decode_training.json
@@ -22,6 +23,7 @@ import seerattn_hf as sa
 from seerattn_hf.models import CONFIG_PRESETS, build_random_model, resolve_device
 from seerattn_hf.decode_distill import DecodeDistillSettings
 from seerattn_hf.decode_gate import DecodeGateConfig
+from seerattn_hf.ops.decode_pooled_attn import DECODE_TARGETS
 from seerattn_hf.training.metrics import distillation_loss
 from seerattn_hf.utils import atomic_write_text
 
@@ -36,6 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--gate_type", default="prefill", choices=["prefill", "decode", "both"])
     parser.add_argument("--decode_token_share", type=float, default=0.5)
+    parser.add_argument("--decode_distill_target", default="block_max", choices=list(DECODE_TARGETS))
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--output", default=None, help="JSON file for the results")
@@ -83,7 +86,8 @@ def main(argv=None) -> list[dict]:
     sa.apply_seer_attention(model, sa.SeerAttentionConfig(block_size=args.block_size, decode_gate=decode_gate))
     sa.set_attention_mode(model, "distill")
     sa.patching.set_distill_targets(model, kinds, DecodeDistillSettings(args.decode_token_share,
-                                                                        lambda kl: (10.0 * kl).backward()))
+                                                                        lambda kl: (10.0 * kl).backward(),
+                                                                        args.decode_distill_target))
     gates = sa.gate_parameters(model, kinds)
     for parameter in gates:
         parameter.requires_grad_(True)
@@ -97,6 +101,8 @@ def main(argv=None) -> list[dict]:
         row = time_training(model, optimizer, seq_len, args.batch_size, args.steps, device, "prefill" in kinds)
         results.append({"config_preset": args.config_preset, "num_layers": model.config.num_hidden_layers,
                         "gate_type": args.gate_type, **row})
+        if "decode" in kinds:
+            results[-1]["decode_distill_target"] = args.decode_distill_target
         peak = "n/a" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
         print(f"| {seq_len} | {args.batch_size} | {row['step_seconds']:.3f} | {row['tokens_per_s']:.0f} | {peak} |")
         if args.output:

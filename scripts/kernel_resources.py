@@ -141,13 +141,14 @@ def main() -> None:
                  **resources(compiled)})
 
     block_q, block_n, warps, stages, _, chunk = decode_pooled_config(bs, D, dtype)
-    config = dict(B=1, HQ=HQ, G=HQ // HKV, D=D, BLOCK_Q=block_q, BS=bs, BLOCK_N=block_n, CHUNK=chunk,
-                  HAS_OFFSETS=False, INPUT_PRECISION=precision)
     pointers = {"q": element, "k": element, "v": element, "o": element, "target": "fp32", "scratch": "fp32",
                 "seq_offsets": "i32"}
-    compiled = compile_kernel(decode_pooled_attn_fwd_kernel, pointers, config, warps, stages, args.arch)
-    rows.append({"kernel": "decode distillation target (one pass)", "num_warps": warps, "num_stages": stages,
-                 **config, **resources(compiled)})
+    for label, mass in (("decode distillation target (one pass)", False),
+                        ("decode distillation target, block_mass (one pass)", True)):
+        config = dict(B=1, HQ=HQ, G=HQ // HKV, D=D, BLOCK_Q=block_q, BS=bs, BLOCK_N=block_n, CHUNK=chunk,
+                      HAS_OFFSETS=False, INPUT_PRECISION=precision, MASS=mass)
+        compiled = compile_kernel(decode_pooled_attn_fwd_kernel, pointers, config, warps, stages, args.arch)
+        rows.append({"kernel": label, "num_warps": warps, "num_stages": stages, **config, **resources(compiled)})
 
     print(f"\nsm_{args.arch}, head_dim {D}, {args.dtype}, {bs}-token blocks, {HQ} / {HKV} heads, Triton "
           f"{triton.__version__}\n")

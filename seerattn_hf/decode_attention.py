@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .decode_cache import static_address, key_blocks_of
-from .decode_selection import decode_block_lists, oracle_scores, quest_scores, streaming_scores
+from .decode_selection import decode_block_lists, oracle_mass_scores, oracle_scores, quest_scores, streaming_scores
 from .ops.decode_attn import sparse_decode_attention
 
 
@@ -145,8 +145,9 @@ def sparse_decode_step(module, policy, sparse: bool, query: torch.Tensor, key: t
         scores = decode_gate.scores(gate_queries, summaries.gate_keys[:, :, :num_blocks])[:, :, 0]
     elif selector == "quest":
         scores = quest_scores(newest, summaries.key_max[:, :, :num_blocks], summaries.key_min[:, :, :num_blocks])
-    elif selector == "oracle":
-        scores = oracle_scores(newest, key, offsets, lens, size, num_blocks, scale)
+    elif selector in ("oracle", "oracle_mass"):
+        pooled = oracle_scores if selector == "oracle" else oracle_mass_scores
+        scores = pooled(newest, key, offsets, lens, size, num_blocks, scale)
     else:
         scores = streaming_scores(batch, key.shape[1], num_blocks, key.device)
     current_block = (lens - 1) // size

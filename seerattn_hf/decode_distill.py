@@ -1,8 +1,10 @@
 """Decode-gate distillation inside the registered attention function (SeerAttention-R).
 
 Every query token of a training sequence acts as a decoding step: its target is its dense attention
-max-pooled over each complete key block before its own block (the decode selector's candidates),
-maxed over the GQA group and renormalized (`ops.decode_pooled_attn`); the decode gate scores the same
+pooled over each complete key block before its own block (the decode selector's candidates) and
+renormalized (`ops.decode_pooled_attn`): "block_max" (the default, the paper's) max-pools it over
+the block and the GQA group, "block_mass" sums it over the block and averages over the group (the
+attention a kept block preserves, `DecodeDistillSettings.target`); the decode gate scores the same
 candidates from the token's pre-RoPE query and the blocks' pooled pre-RoPE keys, exactly as it does
 at decoding time. The loss of a layer is the mean KL(target || gate) over the covered tokens (the
 last `token_share` of each sequence) and KV heads.
@@ -24,7 +26,7 @@ from torch import nn
 
 from .blocks import num_blocks, pool_blocks_padded
 from .decode_gate import SeerDecodeGate
-from .ops.decode_pooled_attn import naive_decode_pooled_attention, triton_decode_pooled_attention
+from .ops.decode_pooled_attn import check_decode_target, naive_decode_pooled_attention, triton_decode_pooled_attention
 
 DISTILL_KINDS = ("prefill", "decode")
 
@@ -33,10 +35,16 @@ DISTILL_KINDS = ("prefill", "decode")
 class DecodeDistillSettings:
     """How a layer distils its decode gate. token_share: the share of each sequence's last tokens the
     loss covers (the paper: 0.5). on_layer_loss: called with the layer's differentiable loss (a
-    scalar), e.g. to back-propagate it at once; the record then keeps only its value."""
+    scalar), e.g. to back-propagate it at once; the record then keeps only its value. target: the
+    decode target, one of `ops.decode_pooled_attn.DECODE_TARGETS` ("block_max": each token's attention max-pooled over a
+    block and the GQA group; "block_mass": its mass on the block, averaged over the group)."""
 
     token_share: float = 0.5
     on_layer_loss: Callable[[torch.Tensor], None] | None = None
+    target: str = "block_max"
+
+    def __post_init__(self):
+        check_decode_target(self.target)
 
 
 @dataclass
@@ -62,13 +70,13 @@ def first_loss_query(length: int, token_share: float) -> int:
 
 
 def decode_pooled_attention(query, key, value, block_size, scale, seq_offsets, first_query,
-                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention `[B, T, HQ, D]` and the decode target `[B, HKV, TQ, NB]`: the Triton kernel on
-    CUDA (unless the backend is "torch"), the torch reference otherwise."""
+                            backend: str, target: str = "block_max") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention `[B, T, HQ, D]` and the decode target `[B, HKV, TQ, NB]` of kind `target`: the
+    Triton kernel on CUDA (unless the backend is "torch"), the torch reference otherwise."""
     use_triton = query.is_cuda and backend != "torch"
     implementation = triton_decode_pooled_attention if use_triton else naive_decode_pooled_attention
     return implementation(query, key, value, block_size, scale=scale, seq_offsets=seq_offsets,
-                          first_query=first_query)
+                          first_query=first_query, target=target)
 
 
 def decode_gate_log_probs(gate: SeerDecodeGate, captured_query: torch.Tensor, captured_key: torch.Tensor,
@@ -125,7 +133,7 @@ def decode_distill_attention(module: nn.Module, layer_idx: int, settings: Decode
     first = first_loss_query(query.shape[2], settings.token_share)
     with torch.no_grad():
         output, target = decode_pooled_attention(query, key, value, gate.config.block_size, scale, seq_offsets,
-                                                 first, backend)
+                                                 first, backend, settings.target)
     gate_log_probs, rows = decode_gate_log_probs(gate, captured_query, captured_key, seq_offsets, first)
     kl = decode_layer_kl(target, gate_log_probs, rows)
     if settings.on_layer_loss is not None:

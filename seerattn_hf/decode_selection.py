@@ -3,7 +3,8 @@ KV head, shared by the GQA group's query heads).
 
 Candidates are the complete blocks before the token's own block; the token's block is always kept
 (read densely, as its keys are still arriving), the first (sink) block optionally. Scores come from
-the decode gate, the true attention (oracle), the Quest bound or position (streaming), and become
+the decode gate, the true attention (oracle: its block max; oracle_mass: its block mass), the Quest
+bound or position (streaming), and become
 kept-block lists by a token budget (top `budget / block_size - 1` candidates) or a threshold.
 """
 
@@ -13,7 +14,7 @@ import math
 
 import torch
 
-DECODE_SELECTORS = ("gate", "oracle", "quest", "streaming")
+DECODE_SELECTORS = ("gate", "oracle", "oracle_mass", "quest", "streaming")
 DECODE_SPARSITY_METHODS = ("token_budget", "threshold")
 
 
@@ -22,21 +23,38 @@ def candidate_mask(current_block: torch.Tensor, num_blocks: int) -> torch.Tensor
     return torch.arange(num_blocks, device=current_block.device)[None, None, :] < current_block[:, None, None]
 
 
-def oracle_scores(query: torch.Tensor, keys: torch.Tensor, seq_offsets: torch.Tensor, seq_lens: torch.Tensor,
-                  block_size: int, num_blocks: int, scale: float) -> torch.Tensor:
-    """The true attention of the new token, max-pooled over each key block and over the GQA group:
-    `[B, HKV, NB]` (the decode distillation target). query: `[B, HQ, D]`; keys: `[B, HKV, S, D]`."""
+def _pooled_attention(query, keys, seq_offsets, seq_lens, block_size, num_blocks, scale, mass: bool):
+    """The new token's attention probabilities pooled per key block: max over the GQA group, then
+    over the block's keys (mass=False), or mean over the group, then summed over the block."""
     batch, heads, dim = query.shape
     kv_heads, capacity = keys.shape[1], keys.shape[2]
     positions = torch.arange(capacity, device=keys.device)[None, :] - seq_offsets[:, None]  # from the start
     valid = (positions >= 0) & (positions < seq_lens[:, None])
     grouped = query.float().view(batch, kv_heads, heads // kv_heads, dim)
     logits = torch.einsum("bkgd,bksd->bkgs", grouped, keys.float()) * scale
-    probs = logits.masked_fill(~valid[:, None, None], float("-inf")).softmax(dim=-1).amax(dim=2)  # [B, HKV, S]
+    probs = logits.masked_fill(~valid[:, None, None], float("-inf")).softmax(dim=-1)  # [B, HKV, G, S]
+    probs = probs.mean(dim=2) if mass else probs.amax(dim=2)  # [B, HKV, S]
     block = (positions.clamp(min=0) // block_size).clamp(max=num_blocks - 1)
     pooled = probs.new_zeros(batch, kv_heads, num_blocks)
     index = block[:, None, :].expand(batch, kv_heads, capacity)
-    return pooled.scatter_reduce(2, index, probs.masked_fill(~valid[:, None], 0.0), reduce="amax")
+    return pooled.scatter_reduce(2, index, probs.masked_fill(~valid[:, None], 0.0), reduce="sum" if mass else "amax")
+
+
+def oracle_scores(query: torch.Tensor, keys: torch.Tensor, seq_offsets: torch.Tensor, seq_lens: torch.Tensor,
+                  block_size: int, num_blocks: int, scale: float) -> torch.Tensor:
+    """The true attention of the new token, max-pooled over each key block and over the GQA group:
+    `[B, HKV, NB]` (the "block_max" decode distillation target). query: `[B, HQ, D]`; keys: `[B, HKV, S, D]`."""
+    return _pooled_attention(query, keys, seq_offsets, seq_lens, block_size, num_blocks, scale, mass=False)
+
+
+def oracle_mass_scores(query: torch.Tensor, keys: torch.Tensor, seq_offsets: torch.Tensor, seq_lens: torch.Tensor,
+                       block_size: int, num_blocks: int, scale: float) -> torch.Tensor:
+    """The true attention mass of the new token on each key block, averaged over the GQA group:
+    `[B, HKV, NB]` (the "block_mass" decode distillation target). The group shares one selection,
+    and the mass it keeps, summed over the group's heads, is G times the sum of these scores over
+    the kept blocks: their top-k keeps the most of it at a token budget. query: `[B, HQ, D]`;
+    keys: `[B, HKV, S, D]`."""
+    return _pooled_attention(query, keys, seq_offsets, seq_lens, block_size, num_blocks, scale, mass=True)
 
 
 def quest_scores(query: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tensor) -> torch.Tensor:
@@ -96,5 +114,5 @@ def decode_block_lists(scores: torch.Tensor, current_block: torch.Tensor, block_
     return block_idx.to(torch.int32).contiguous(), (chosen + 1).to(torch.int32).contiguous()
 
 
-__all__ = ["DECODE_SELECTORS", "DECODE_SPARSITY_METHODS", "decode_block_lists", "oracle_scores",
-           "quest_scores", "streaming_scores", "candidate_mask"]
+__all__ = ["DECODE_SELECTORS", "DECODE_SPARSITY_METHODS", "decode_block_lists", "oracle_mass_scores",
+           "oracle_scores", "quest_scores", "streaming_scores", "candidate_mask"]

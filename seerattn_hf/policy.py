@@ -72,7 +72,9 @@ class SparsityPolicy:
 
     Decoding (each generated token reads only some KV blocks; see `decode_selection`):
     decode_selector: None (decode densely), "gate" (trained decode gates), "oracle" (the true
-        attention), "quest" (the Quest bound from per-block key extremes) or "streaming" (the most
+        attention, max-pooled per block and GQA group), "oracle_mass" (the true attention mass per
+        block, averaged over the GQA group: the selection that keeps the most attention at a token
+        budget), "quest" (the Quest bound from per-block key extremes) or "streaming" (the most
         recent blocks; a ranking, so token budgets only).
     decode_sparsity_method: "token_budget" (read at most `decode_token_budget` tokens, in blocks,
         the token's own block included) or "threshold" (the blocks whose probability exceeds

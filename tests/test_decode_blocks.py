@@ -5,7 +5,7 @@ import torch
 
 from seerattn_hf.decode_cache import KeyBlockCache, key_blocks_of
 from seerattn_hf.decode_gate import DecodeGateConfig, SeerDecodeGate, pool_key_blocks
-from seerattn_hf.decode_selection import decode_block_lists, oracle_scores, quest_scores
+from seerattn_hf.decode_selection import decode_block_lists, oracle_mass_scores, oracle_scores, quest_scores
 from seerattn_hf.rope import apply_rope
 
 
@@ -137,7 +137,7 @@ def test_threshold_lists_and_the_sink_block():
     assert set(block_idx[0, 0, : block_count[0, 0]].tolist()) == {0, 4}
 
 
-def test_oracle_and_quest_scores():
+def test_oracle_oracle_mass_and_quest_scores():
     torch.manual_seed(1)
     query, keys = torch.randn(1, 4, 8), torch.randn(1, 2, 40, 8)
     offsets, lens = torch.tensor([3]), torch.tensor([37])
@@ -147,6 +147,11 @@ def test_oracle_and_quest_scores():
         group = probs[0, 2 * k: 2 * k + 2].amax(0)
         expected = torch.stack([group[16 * j: 16 * (j + 1)].max() for j in range(3)])
         torch.testing.assert_close(scores[0, k], expected)
+    mass = oracle_mass_scores(query, keys, offsets, lens, 16, 3, 0.35)
+    for k in range(2):
+        group = probs[0, 2 * k: 2 * k + 2].mean(0)  # the GQA group's mean, summed over each block
+        torch.testing.assert_close(mass[0, k], torch.stack([group[16 * j: 16 * (j + 1)].sum() for j in range(3)]))
+    torch.testing.assert_close(mass.sum(-1), torch.ones(1, 2))
     key_max, key_min = keys.view(1, 2, 5, 8, 8).amax(3), keys.view(1, 2, 5, 8, 8).amin(3)
     bound = quest_scores(query, key_max, key_min)
     exact = torch.einsum("bhd,bhsd->bhs", query, keys.repeat_interleave(2, 1)).view(1, 4, 5, 8).amax(-1)

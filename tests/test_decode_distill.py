@@ -1,5 +1,6 @@
 """Decode distillation mode inside patched models: the gate scores training sees are the ones sparse
-decoding uses, and the target is the decode oracle's, for every supported architecture."""
+decoding uses, and the target is the decode oracle's of the same kind ("block_max": "oracle",
+"block_mass": "oracle_mass"), for every supported architecture."""
 
 import pytest
 import torch
@@ -47,14 +48,15 @@ def _decode_step_scores(model, ids, selector, monkeypatch):
 
 
 @pytest.mark.parametrize("model_type", TINY_ARCHITECTURES)
-def test_training_sees_the_decoding_gate_and_the_oracle_target(model_type, monkeypatch):
+@pytest.mark.parametrize("target, selector", [("block_max", "oracle"), ("block_mass", "oracle_mass")])
+def test_training_sees_the_decoding_gate_and_the_oracle_target(model_type, target, selector, monkeypatch):
     model = _patched(model_type)
     ids = torch.randint(3, 96, (2, 83), generator=torch.Generator().manual_seed(2))
     gate_scores = _decode_step_scores(model, ids, "gate", monkeypatch)
-    oracle = _decode_step_scores(model, ids, "oracle", monkeypatch)
+    oracle = _decode_step_scores(model, ids, selector, monkeypatch)
 
     sa.set_attention_mode(model, "distill")
-    sa.patching.set_distill_targets(model, ("decode",), DecodeDistillSettings(token_share=0.5))
+    sa.patching.set_distill_targets(model, ("decode",), DecodeDistillSettings(token_share=0.5, target=target))
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     records = sa.patching.pop_decode_distill_records(model)
@@ -86,6 +88,25 @@ def test_distillation_output_is_the_dense_attention_and_prefill_gates_get_no_gra
     assert len(losses) == 2 and sa.pop_distill_records(model) == []
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sa.gate_parameters(model, ("decode",)))
     assert all(p.grad is None for p in sa.gate_parameters(model, ("prefill",)))
+
+
+def test_the_two_targets_differ_and_an_unknown_one_is_refused():
+    model = _patched("llama")
+    ids = torch.randint(3, 96, (1, 83), generator=torch.Generator().manual_seed(4))
+    sa.set_attention_mode(model, "distill")
+    found = {}
+    for target in ("block_max", "block_mass"):
+        sa.patching.set_distill_targets(model, ("decode",), DecodeDistillSettings(target=target))
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        found[target] = sa.patching.pop_decode_distill_records(model)
+    for max_record, mass_record in zip(found["block_max"], found["block_mass"]):
+        torch.testing.assert_close(max_record.gate_log_probs, mass_record.gate_log_probs)  # the same gate
+        assert not torch.allclose(max_record.target, mass_record.target, atol=1e-3)
+        assert float(max_record.kl) != float(mass_record.kl)
+    with pytest.raises(ValueError, match=r"decode target: expected one of \['block_max', 'block_mass'\], "
+                                         "found 'mass'"):
+        DecodeDistillSettings(target="mass")
 
 
 def test_decode_distillation_needs_decode_gates():

@@ -9,7 +9,7 @@ from model_factory import TINY_ARCHITECTURES, tiny_model
 import seerattn_hf as sa
 from seerattn_hf.decode_gate import DecodeGateConfig
 
-SELECTORS = ("gate", "oracle", "quest", "streaming")
+SELECTORS = ("gate", "oracle", "oracle_mass", "quest", "streaming")
 
 
 def _pair(model_type="llama", head_dim=16, num_heads=4, num_kv_heads=2, **config):
@@ -52,6 +52,59 @@ def test_a_budget_covering_the_context_reproduces_dense(model_type, selector, ca
     sa.update_sparsity_config(patched, decode_selector=selector, decode_token_budget=4096)
     assert torch.equal(_generate(patched, ids, mask, cache_implementation=cache), expected)
     assert sa.get_sparsity_stats(patched)["decode_density"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("budget, keep_first_block", [(32, False), (48, True), (64, False)])
+def test_oracle_mass_keeps_at_least_the_attention_mass_the_max_oracle_keeps(budget, keep_first_block, monkeypatch):
+    """At one token budget, per decoding step, sequence and KV head, the blocks oracle_mass keeps
+    hold at least the attention mass (the GQA group's mean, summed over the kept blocks) that the
+    max-pooled oracle's blocks hold: top-k of the block mass is the best selection of k blocks.
+    Layer 0 sees the same queries and keys in both runs (its inputs are the token embeddings, and
+    the tokens are teacher-forced), so its steps compare one to one."""
+    import seerattn_hf.decode_attention as decode_attention
+    from seerattn_hf.decode_selection import oracle_mass_scores
+
+    base, patched = _pair(num_heads=8, num_kv_heads=2)  # groups of 4 query heads
+    ids, mask = _prompt(batch=3, length=120, padding=23, seed=7)
+    calls = {}
+    real = decode_attention.sparse_decode_attention
+    for selector in ("oracle", "oracle_mass"):
+        recorded = calls[selector] = []
+
+        def recording(query, key, value, block_idx, block_count, size, lens, scale, offsets, use_triton):
+            recorded.append((query.clone(), key.clone(), block_idx.clone(), block_count.clone(), size, lens.clone(),
+                             scale, offsets.clone()))
+            return real(query, key, value, block_idx, block_count, size, lens, scale, offsets, use_triton)
+
+        monkeypatch.setattr(decode_attention, "sparse_decode_attention", recording)
+        sa.update_sparsity_config(patched, decode_selector=selector, decode_token_budget=budget,
+                                  decode_keep_first_block=keep_first_block)
+        with torch.no_grad():
+            out = patched(input_ids=ids[:, :50], attention_mask=mask[:, :50], use_cache=True)
+            cache = out.past_key_values
+            for t in range(50, 120):
+                out = patched(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                              use_cache=True)
+                cache = out.past_key_values
+    layers = patched.config.num_hidden_layers
+    assert len(calls["oracle"]) == len(calls["oracle_mass"]) == 70 * layers  # every layer decodes each step
+
+    def kept_mass(step):
+        query, key, block_idx, block_count, size, lens, scale, offsets = step
+        mass = oracle_mass_scores(query, key, offsets, lens, size, -(-key.shape[2] // size), scale)
+        kept = torch.arange(block_idx.shape[-1]) < block_count[..., None]
+        return (mass.gather(-1, block_idx.long()) * kept).sum(-1), mass  # [B, HKV]
+
+    gained = []
+    for max_step, mass_step in zip(calls["oracle"][::layers], calls["oracle_mass"][::layers]):  # layer 0
+        assert torch.equal(max_step[0], mass_step[0]) and torch.equal(max_step[1], mass_step[1])
+        assert torch.equal(max_step[3], mass_step[3])  # the same number of blocks
+        by_max, mass = kept_mass(max_step)
+        by_mass, _ = kept_mass(mass_step)
+        torch.testing.assert_close(mass.sum(-1), torch.ones_like(by_max))  # each head's probabilities sum to 1
+        assert (by_mass >= by_max - 1e-6).all()
+        gained.append(by_mass - by_max)
+    assert torch.stack(gained).mean() > 0  # and the two rankings do differ
 
 
 @pytest.mark.parametrize("selector", SELECTORS)

@@ -21,6 +21,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from ..decode_selection import DECODE_SELECTORS
 from ..models import CONFIG_PRESETS, build_random_model, resolve_device
 from .prefill import time_runs
 from .reports import environment, markdown_table, write_json, write_text
@@ -274,7 +275,7 @@ def decode_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_layers", type=int, default=None, help="shrink the model to N layers")
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--contexts", nargs="+", type=int, default=[32768])
-    _add_decode_arguments(parser, "bf16", ["gate", "quest"], ["gate", "oracle", "quest", "streaming"], [2048, 4096],
+    _add_decode_arguments(parser, "bf16", ["gate", "quest"], list(DECODE_SELECTORS), [2048, 4096],
                           nargs="*")  # none: only the unpatched model and dense decoding
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=24)
@@ -468,7 +469,7 @@ def quality_parser() -> argparse.ArgumentParser:
                                      "to --output.")
     parser.add_argument("--model", default="embedded:smollm2-135m")
     parser.add_argument("--gates", default=None, help="adapter folder or Hub id holding decode gates (selector gate)")
-    _add_decode_arguments(parser, "fp32", ["oracle", "quest", "streaming"], ["gate", "oracle", "quest", "streaming"],
+    _add_decode_arguments(parser, "fp32", ["oracle", "quest", "streaming"], list(DECODE_SELECTORS),
                           [256, 512, 1024], nargs="*")
     parser.add_argument("--budget_fractions", nargs="*", type=float, default=[],
                         help="budgets as shares of the context, e.g. 0.0625 0.125 0.25 (beside --budgets)")

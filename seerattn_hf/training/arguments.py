@@ -17,6 +17,7 @@ import yaml
 
 from ..data import CORPORA, EMBEDDED_PREFIX, is_embedded_name
 from ..embedded import EMBEDDED_MODEL
+from ..ops.decode_pooled_attn import DECODE_TARGETS as DECODE_DISTILL_TARGETS
 from ..ops.pooled_attn import POOLED_TARGETS as DISTILL_TARGETS
 from .metrics import DISTILL_LOSSES
 
@@ -137,6 +138,13 @@ class TrainArguments:
     decode_token_share: float = field(default=0.5, metadata={
         "help": "Decode gates: the share of each sequence's last tokens whose decode targets the loss covers "
                 "(the paper: the last half)."})
+    decode_distill_target: str = field(default="block_max", metadata={
+        "help": f"Decode gates' target, one of {list(DECODE_DISTILL_TARGETS)}: 'block_max', each token's attention "
+                "probabilities max-pooled over each complete earlier key block and over the GQA group (the "
+                "paper's); 'block_mass', the probability mass the token puts on each such block, averaged over "
+                "the GQA group (the attention the group keeps by reading the block). Rows renormalized over the "
+                "candidate blocks; the same fused Triton kernel on CUDA, in a variant. Prefill gates: "
+                "distill_target."})
     seed: int = field(default=42, metadata={"help": "Seed of gate initialisation and data order."})
     logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
     eval_steps: int = field(default=100, metadata={"help": "Evaluate gate quality every N steps (0: only at the end)."})
@@ -279,11 +287,20 @@ def validate(arguments: Arguments) -> None:
     _check(train.distill_loss in DISTILL_LOSSES, "distill_loss", f"one of {list(DISTILL_LOSSES)}", train.distill_loss)
     _check(bool(train.recall_loss_densities) and all(0.0 < d <= 1.0 for d in train.recall_loss_densities),
            "recall_loss_densities", "a non-empty list of numbers in (0, 1]", train.recall_loss_densities)
-    for name, default in (("distill_target", "block_max"), ("distill_loss", "kl")):
-        # Decode gates keep their own per-token KL target (decode_distill.py).
-        _check(gate.gate_type == "prefill" or getattr(train, name) == default, name,
-               f"{default!r} with gate_type {gate.gate_type!r} (other values train prefill gates only: "
-               "gate_type 'prefill')", getattr(train, name))
+    # distill_target and distill_loss choose how prefill gates learn, decode_distill_target what
+    # decode gates learn (always by KL, decode_distill.py): a value other than the default for gates
+    # the run does not train is refused rather than silently ignored.
+    _check(gate.gate_type != "decode" or train.distill_target == "block_max", "distill_target",
+           "'block_max' with gate_type 'decode' (it is the prefill gates' target; decode gates: "
+           "--decode_distill_target)", train.distill_target)
+    _check(gate.gate_type == "prefill" or train.distill_loss == "kl", "distill_loss",
+           f"'kl' with gate_type {gate.gate_type!r} (other values train prefill gates only: gate_type 'prefill'; "
+           "decode gates learn by KL)", train.distill_loss)
+    _check(train.decode_distill_target in DECODE_DISTILL_TARGETS, "decode_distill_target",
+           f"one of {list(DECODE_DISTILL_TARGETS)}", train.decode_distill_target)
+    _check(gate.gate_type != "prefill" or train.decode_distill_target == "block_max", "decode_distill_target",
+           "'block_max' with gate_type 'prefill' (it is the decode gates' target: gate_type 'decode' or "
+           "'both'; prefill gates: --distill_target)", train.decode_distill_target)
     _check(0.0 < train.decode_token_share <= 1.0, "decode_token_share", "a number in (0, 1]",
            train.decode_token_share)
     _check(all(0.0 < d <= 1.0 for d in gate.eval_densities), "eval_densities", "numbers in (0, 1]",

@@ -3,7 +3,8 @@
 The base model is frozen; in distillation mode each gated layer returns the dense attention output
 and records its block-pooled attention map (the target, `distill_target`) next to the gate's
 log-probabilities. The loss is `loss_scale * sum over layers` of KL(target || gate) or of the target
-mass missed at budgets (`distill_loss`); only the gates of `gate_type` are trained. Decode gates (`decode_distill.py`) are trained layer by layer: each layer's loss is
+mass missed at budgets (`distill_loss`); only the gates of `gate_type` are trained. Decode gates
+(`decode_distill.py`, target `decode_distill_target`) are trained layer by layer: each layer's loss is
 back-propagated inside the forward, before the next layer's target exists (their targets are
 `[B, HKV, T, NB]`), so those runs call the model unwrapped and average the gates' gradients over the
 processes themselves.
@@ -52,7 +53,8 @@ def add_gates(model, arguments: Arguments) -> list[torch.nn.Parameter]:
     apply_seer_attention(model, gate_config(arguments))
     set_attention_mode(model, "distill")
     kinds = trained_kinds(arguments)
-    set_distill_targets(model, kinds, DecodeDistillSettings(arguments.train.decode_token_share),
+    set_distill_targets(model, kinds, DecodeDistillSettings(arguments.train.decode_token_share,
+                                                            target=arguments.train.decode_distill_target),
                         arguments.train.distill_target)
     for parameter in gate_parameters(model):
         parameter.requires_grad_(False)
@@ -133,7 +135,8 @@ class Trainer:
         self.step = 0
         # Decode layers hand their losses to `_backward` during training forwards (not evaluations).
         self.decode_settings = {training: DecodeDistillSettings(train.decode_token_share,
-                                                                self._backward_layer if training else None)
+                                                                self._backward_layer if training else None,
+                                                                train.decode_distill_target)
                                 for training in (True, False)}
 
     def save_checkpoint(self) -> Path:

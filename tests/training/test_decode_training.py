@@ -135,6 +135,40 @@ def test_both_kinds_train_in_one_run(tiny_checkpoint, jsonl_corpus, tmp_path):
     assert "kl" in summary["eval"] and "decode_kl" in summary["eval"]
 
 
+def test_the_decode_target_option_reaches_the_target_kernel(tiny_checkpoint, jsonl_corpus, tmp_path, monkeypatch):
+    """--decode_distill_target is the target every decode layer computes, in training forwards and in
+    the evaluation, and it changes the loss (same seed, data and initial gates)."""
+    seen = []
+    real = decode_distill.naive_decode_pooled_attention  # the CPU path of decode_pooled_attention
+
+    def recording(*args, target, **kwargs):
+        seen.append(target)
+        return real(*args, target=target, **kwargs)
+
+    monkeypatch.setattr(decode_distill, "naive_decode_pooled_attention", recording)
+    first_loss = {}
+    for target in ("block_max", "block_mass"):
+        seen.clear()
+        folder = tmp_path / target
+        summary = run(decode_args(tiny_checkpoint, jsonl_corpus, folder, max_steps=1, save_steps=0,
+                                  decode_distill_target=target))
+        # 2 layers x (2 micro-batches of training + the 2 evaluation sequences, one per forward)
+        assert seen == [target] * 8, seen
+        assert "decode_kl" in summary["eval"]
+        first_loss[target] = losses(folder)[0]
+    assert first_loss["block_max"] != first_loss["block_mass"]
+
+
+def test_both_kinds_take_their_own_target(tiny_checkpoint, jsonl_corpus, tmp_path):
+    trainer = Trainer(parse_arguments(decode_args(tiny_checkpoint, jsonl_corpus, tmp_path / "run", gate_type="both",
+                                                  max_steps=1, save_steps=0, distill_target="block_mass",
+                                                  decode_distill_target="block_max")))
+    for attention in sa.patching.patched_attention_modules(trainer.base):
+        state = attention.seer_state
+        assert (state.distill_target, state.decode_distill.target) == ("block_mass", "block_max")
+    assert (trainer.decode_settings[True].target, trainer.decode_settings[False].target) == ("block_max",) * 2
+
+
 def test_decode_quality_evaluation_of_trained_gates(tiny_checkpoint, jsonl_corpus, tmp_path):
     from seerattn_hf.evaluation.decoding import quality_main
 
@@ -142,16 +176,19 @@ def test_decode_quality_evaluation_of_trained_gates(tiny_checkpoint, jsonl_corpu
     run(decode_args(tiny_checkpoint, jsonl_corpus, folder, max_steps=2, save_steps=0))
     output = tmp_path / "eval"
     summary = quality_main(["--model", str(tiny_checkpoint), "--gates", str(folder), "--device", "cpu",
-                            "--selectors", "gate", "oracle", "streaming", "--budgets", "--budget_fractions", "0.25",
+                            "--selectors", "gate", "oracle", "oracle_mass", "streaming", "--budgets",
+                            "--budget_fractions", "0.25",
                             "--prompt_length", "160", "--continuation", "32", "--greedy_tokens", "6",
                             "--retrieval_lengths", "512", "--retrieval_samples", "1", "--output", str(output)])
     rows = {r["label"]: r for r in summary["results"]}
-    assert list(rows) == ["dense", "gate budget=1/4", "oracle budget=1/4", "streaming budget=1/4"]
+    assert list(rows) == ["dense", "gate budget=1/4", "oracle budget=1/4", "oracle_mass budget=1/4",
+                          "streaming budget=1/4"]
     # 192 tokens, 16-token blocks: a quarter is 3 blocks, of the 12 a token reads at most.
     assert all(r["token_budget"] == 48 for label, r in rows.items() if label != "dense")
     assert all(0.0 < rows[label]["decode_density"] < 0.5 for label in rows if label != "dense")
     retrieval = {r["label"]: r for r in summary["retrieval"]}
-    assert list(retrieval) == ["dense", "gate budget=1/4", "oracle budget=1/4", "streaming budget=1/4"]
+    assert list(retrieval) == ["dense", "gate budget=1/4", "oracle budget=1/4", "oracle_mass budget=1/4",
+                               "streaming budget=1/4"]
     assert retrieval["gate budget=1/4"]["decode_density"] < 0.6
     assert json.loads((output / "results.json").read_text())["gates"] == str(folder)
     text = (output / "results.md").read_text()

@@ -30,12 +30,24 @@ def test_defaults_and_yaml_and_help(tmp_path):
     train = parse_arguments([]).train
     assert (train.distill_target, train.distill_loss, train.recall_loss_densities) == ("block_max", "kl",
                                                                                          [0.5, 0.3, 0.1])
+    assert train.decode_distill_target == "block_max"
     config = tmp_path / "run.yaml"
     config.write_text("distill_target: block_mass\ndistill_loss: recall\nrecall_loss_densities: [0.2]\n")
     train = parse_arguments(["--config", str(config)]).train
     assert (train.distill_target, train.distill_loss, train.recall_loss_densities) == ("block_mass", "recall", [0.2])
+    config.write_text("gate_type: decode\ndecode_distill_target: block_mass\n")
+    assert parse_arguments(["--config", str(config)]).train.decode_distill_target == "block_mass"
     text = " ".join(build_parser().format_help().split())
-    assert "'block_max', 'block_mass'" in text and "'kl', 'recall'" in text
+    assert "'block_max', 'block_mass'" in text and "'kl', 'recall'" in text and "--decode_distill_target" in text
+
+
+def test_both_targets_are_recorded_with_the_run_settings():
+    from seerattn_hf.training.run_log import tracker_config
+
+    arguments = parse_arguments(["--gate_type", "both", "--distill_target", "block_mass",
+                                 "--decode_distill_target", "block_mass"])
+    for values in (arguments.to_dict(), tracker_config(arguments)):
+        assert (values["distill_target"], values["decode_distill_target"]) == ("block_mass", "block_mass")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -44,8 +56,15 @@ def test_defaults_and_yaml_and_help(tmp_path):
     (["--distill_loss", "mse"], "--distill_loss: expected one of ['kl', 'recall'], found 'mse'"),
     (["--recall_loss_densities", "0.3", "1.5"], "--recall_loss_densities: expected a non-empty list of numbers"),
     (["--gate_type", "decode", "--distill_loss", "recall"], "--distill_loss: expected 'kl' with gate_type 'decode'"),
-    (["--gate_type", "both", "--distill_target", "block_mass"],
-     "--distill_target: expected 'block_max' with gate_type 'both'"),
+    (["--gate_type", "both", "--distill_loss", "recall"], "--distill_loss: expected 'kl' with gate_type 'both'"),
+    (["--gate_type", "decode", "--distill_target", "block_mass"],
+     "--distill_target: expected 'block_max' with gate_type 'decode' (it is the prefill gates' target; decode "
+     "gates: --decode_distill_target), found 'block_mass'"),
+    (["--gate_type", "decode", "--decode_distill_target", "block_sum"],
+     "--decode_distill_target: expected one of ['block_max', 'block_mass'], found 'block_sum'"),
+    (["--decode_distill_target", "block_mass"],
+     "--decode_distill_target: expected 'block_max' with gate_type 'prefill' (it is the decode gates' target: "
+     "gate_type 'decode' or 'both'; prefill gates: --distill_target), found 'block_mass'"),
 ])
 def test_bad_values_name_the_field(flags, message):
     with pytest.raises(ValueError) as error:

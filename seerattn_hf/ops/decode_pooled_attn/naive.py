@@ -1,10 +1,20 @@
 """Torch reference of dense causal attention plus the decode target: each token's attention
-max-pooled over each complete key block before its own block."""
+pooled over each complete key block before its own block ("block_max": its largest probability
+there, maxed over the GQA group; "block_mass": the probability mass it puts there, averaged over
+the GQA group)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# How one token's attention probabilities over a key block (and over its GQA group) become one entry.
+DECODE_TARGETS = ("block_max", "block_mass")
+
+
+def check_decode_target(target: str) -> None:
+    if target not in DECODE_TARGETS:
+        raise ValueError(f"decode target: expected one of {list(DECODE_TARGETS)}, found {target!r}")
 
 
 def naive_decode_pooled_attention(
@@ -15,8 +25,9 @@ def naive_decode_pooled_attention(
     scale: float | None = None,
     seq_offsets: torch.Tensor | None = None,
     first_query: int = 0,
+    target: str = "block_max",
 ):
-    """Dense causal attention and, per query token, the block-max of its probabilities over the decode
+    """Dense causal attention and, per query token, its probabilities pooled over each of the decode
     selector's candidate blocks (float32 compute).
 
     Token t of a sequence starting at `off` sits in block (t - off) // block_size. Its candidates are
@@ -30,13 +41,21 @@ def naive_decode_pooled_attention(
         scale: softmax scale, default D ** -0.5.
         seq_offsets: [B] int or None: sequence b occupies [off_b, T); blocks are counted from off_b.
         first_query: the target covers query positions t >= first_query only (TQ = T - first_query).
+        target: "block_max": the max over the GQA group's query heads and the keys of block j of the
+            probabilities of row t (the paper's); "block_mass": the sum of row t's probabilities over
+            the keys of block j, averaged over the GQA group's query heads: the share of the group's
+            attention that reading block j preserves. The group shares one selection, and the mass
+            it keeps, summed over the group, is the sum over the kept blocks of this mean: top-k of
+            it keeps the most (the max over the group would rank a block one head needs as high as
+            one every head needs).
 
     Returns:
         o: [B, T, HQ, D] in q.dtype (padding rows 0);
-        target: [B, HKV, TQ, NB] float32: target[b, h, t - first_query, j] = max over the GQA group's
-        query heads and the keys of block j of the probabilities of row t, for candidate blocks j,
-        divided by the row's sum over its candidates; 0 elsewhere (rows without a candidate are 0).
+        target: [B, HKV, TQ, NB] float32: target[b, h, t - first_query, j] = the pooled value of
+        row t on block j, for candidate blocks j, divided by the row's sum over its candidates; 0
+        elsewhere (rows without a candidate are 0).
     """
+    check_decode_target(target)
     B, HQ, T, D = q.shape
     HKV = k.shape[1]
     G = HQ // HKV
@@ -44,7 +63,7 @@ def naive_decode_pooled_attention(
     scale = D**-0.5 if scale is None else scale
     dev = q.device
     o = torch.zeros(B, HKV, G, T, D, dtype=torch.float32, device=dev)
-    target = torch.zeros(B, HKV, T, NB, dtype=torch.float32, device=dev)
+    out = torch.zeros(B, HKV, T, NB, dtype=torch.float32, device=dev)
     for b in range(B):
         off = 0 if seq_offsets is None else int(seq_offsets[b])
         qb = q[b].float().reshape(HKV, G, T, D)
@@ -58,9 +77,13 @@ def naive_decode_pooled_attention(
             o[b, :, :, q0:q1] = torch.matmul(p, vb[:, :, off:q1])
             blocks = (q0 - off) // block_size + 1
             p = F.pad(p, (0, blocks * block_size - p.shape[-1]))
-            pooled = p.unflatten(-1, (blocks, block_size)).amax(dim=(1, -1))  # [HKV, m, blocks]
+            tiles = p.unflatten(-1, (blocks, block_size))  # [HKV, G, m, blocks, block_size]
+            if target == "block_max":
+                pooled = tiles.amax(dim=(1, -1))  # [HKV, m, blocks]
+            else:
+                pooled = tiles.sum(dim=-1).mean(dim=1)
             candidate = torch.arange(blocks, device=dev) < ((t - off) // block_size)[:, None]
-            target[b, :, q0:q1, :blocks] = pooled * candidate
-    target = target[:, :, first_query:]
-    target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return o.reshape(B, HQ, T, D).transpose(1, 2).to(q.dtype), target
+            out[b, :, q0:q1, :blocks] = pooled * candidate
+    out = out[:, :, first_query:]
+    out = out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return o.reshape(B, HQ, T, D).transpose(1, 2).to(q.dtype), out

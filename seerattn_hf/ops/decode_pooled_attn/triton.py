@@ -9,6 +9,11 @@ seen so far (the program owns those entries, so no atomics). A torch division th
 row over its candidates. The grid is persistent (a few programs per SM walk the tiles, heaviest
 first), so the scratch is [programs, NB, BLOCK_Q]; extra memory is that plus the target itself,
 [B, HKV, TQ, NB].
+
+Target "block_mass" runs the same pass with MASS set (as the prefill kernel does): the scratch holds
+each row's log-sum-exp of its scores in each key block instead of their max, exp2(block lse - row
+lse) is the row's mass on the block, and the target entries add it up over the group's heads
+instead of taking the maximum (the row normalization turns that sum into the group mean).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..triton_common import (
     online_softmax_step,
     query_tile_count,
 )
+from .naive import check_decode_target
 
 
 @triton.jit
@@ -41,10 +47,11 @@ def decode_pooled_attn_fwd_kernel(
     T, NB, first_query, n_qtiles, scratch_blocks, qk_scale,
     B: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASS: tl.constexpr,
 ):
     """q: [B, HQ, T, D]; k, v: [B, HKV, T, D]; o: [B, T, HQ, D]; target: [B, HKV, T - first_query, NB]
-    float32, zero-filled (unnormalized maxima written at candidate entries); scratch:
+    float32, zero-filled (unnormalized maxima over the group, MASS: masses summed over the group,
+    written at candidate entries); scratch:
     [num_programs, scratch_blocks, BLOCK_Q] float32. BLOCK_Q and BLOCK_N are multiples of BS."""
     SPLIT: tl.constexpr = BLOCK_N // BS
     HKV: tl.constexpr = HQ // G
@@ -100,7 +107,7 @@ def decode_pooled_attn_fwd_kernel(
                     k_tile = k_desc.load([t0, 0])
                     v_tile = v_desc.load([t0, 0])
                     s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
-                    m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_Q, BS, SPLIT, MASS=False)
+                    m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_Q, BS, SPLIT, MASS)
                     m_i, l_i, acc = online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, False,
                                                         INPUT_PRECISION)
 
@@ -112,7 +119,7 @@ def decode_pooled_attn_fwd_kernel(
                     v_tile = v_desc.load([t0, 0])
                     s = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
                     s = tl.where((t_k[None, :] <= t_q[:, None]) & (t_k < T)[None, :], s, float("-inf"))
-                    m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_Q, BS, SPLIT, MASS=False)
+                    m_step = _record_block_max(s, scr, step, r, cols, qk_scale, BLOCK_Q, BS, SPLIT, MASS)
                     m_i, l_i, acc = online_softmax_step(s, qk_scale, m_step, m_i, l_i, acc, v_tile, True,
                                                         INPUT_PRECISION)
 
@@ -128,7 +135,11 @@ def decode_pooled_attn_fwd_kernel(
                     best = tl.load(scr + j[None, :] * BLOCK_Q + r[:, None], mask=keep, other=float("-inf"))
                     prob = tl.exp2(best - row_lse[:, None])
                     seen = tl.load(out_rows[:, None] + j[None, :], mask=keep, other=0.0)
-                    tl.store(out_rows[:, None] + j[None, :], tl.maximum(seen, prob), mask=keep)
+                    if MASS:
+                        seen += prob
+                    else:
+                        seen = tl.maximum(seen, prob)
+                    tl.store(out_rows[:, None] + j[None, :], seen, mask=keep)
                 tl.debug_barrier()  # the next head overwrites the scratch and reads these targets
 
 
@@ -145,11 +156,12 @@ def decode_pooled_config(block_size, D, dtype):
     return block_q, 64, 8, 2, 1, 32
 
 
-def decode_pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, first_query=0, block_q=None,
-                                 block_n=None, num_warps=None, num_stages=None, programs_per_sm=None, chunk=None,
-                                 num_programs=None):
+def decode_pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=None, first_query=0,
+                                 target="block_max", block_q=None, block_n=None, num_warps=None, num_stages=None,
+                                 programs_per_sm=None, chunk=None, num_programs=None):
     """Launcher of the one-pass kernel; the keyword arguments override its heuristic (benchmarks,
-    tests). Returns o and the unnormalized target."""
+    tests). Returns o and the unnormalized target of `target` ("block_max" or "block_mass")."""
+    check_decode_target(target)
     B, HQ, HKV, T, D = check_attention_inputs(q, k, v, block_size)
     G = HQ // HKV
     check_seq_offsets(seq_offsets, B)
@@ -173,12 +185,12 @@ def decode_pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=No
         num_programs = sms * per_sm
     num_programs = min(num_programs, n_tiles)
     o = torch.empty(B, T, HQ, D, dtype=q.dtype, device=q.device)
-    target = torch.zeros(B, HKV, T - first_query, NB, dtype=torch.float32, device=q.device)
+    pooled = torch.zeros(B, HKV, T - first_query, NB, dtype=torch.float32, device=q.device)
     scratch_blocks = triton.cdiv(T, bn) * (bn // block_size)  # whole steps: the last may pass NB
     scratch = torch.empty(num_programs, scratch_blocks, bq, dtype=torch.float32, device=q.device)
     triton.set_allocator(descriptor_scratch)
     decode_pooled_attn_fwd_kernel[(num_programs,)](
-        q, k, v, o, target, scratch, seq_offsets if seq_offsets is not None else o,
+        q, k, v, o, pooled, scratch, seq_offsets if seq_offsets is not None else o,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -186,12 +198,13 @@ def decode_pooled_attn_fused_fwd(q, k, v, block_size, scale=None, seq_offsets=No
         T, NB, first_query, n_qtiles, scratch_blocks, scale * LOG2E,
         B=B, HQ=HQ, G=G, D=D, BLOCK_Q=bq, BS=block_size, BLOCK_N=bn, CHUNK=ch,
         HAS_OFFSETS=seq_offsets is not None, INPUT_PRECISION=input_precision(q.dtype),
-        num_warps=nw, num_stages=ns,
+        MASS=target == "block_mass", num_warps=nw, num_stages=ns,
     )
-    return o, target
+    return o, pooled
 
 
-def triton_decode_pooled_attention(q, k, v, block_size, scale=None, seq_offsets=None, first_query=0, **config):
+def triton_decode_pooled_attention(q, k, v, block_size, scale=None, seq_offsets=None, first_query=0,
+                                   target="block_max", **config):
     """Dense causal attention and the decode target (see `naive_decode_pooled_attention`).
 
     Args:
@@ -199,14 +212,15 @@ def triton_decode_pooled_attention(q, k, v, block_size, scale=None, seq_offsets=
             [16, 128]; NB = ceil(T / block_size). scale: default D ** -0.5.
         seq_offsets: [B] int or None: left padding, blocks counted from each sequence's start.
         first_query: the target covers query positions t >= first_query (TQ = T - first_query).
+        target: "block_max" or "block_mass", as in `naive_decode_pooled_attention`.
         config: keyword overrides of `decode_pooled_attn_fused_fwd` (benchmarks, tests).
 
     Returns:
         o: [B, T, HQ, D] in q.dtype; target: [B, HKV, TQ, NB] float32, each row's block maxima over
-        the complete blocks before its own, maxed over the GQA group, normalized to sum 1 (rows
-        without a candidate 0).
+        the complete blocks before its own, maxed over the GQA group ("block_mass": each row's mass on
+        those blocks, averaged over the group), normalized to sum 1 (rows without a candidate 0).
     """
-    o, target = decode_pooled_attn_fused_fwd(q, k, v, block_size, scale=scale, seq_offsets=seq_offsets,
-                                             first_query=first_query, **config)
-    target /= target.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return o, target
+    o, pooled = decode_pooled_attn_fused_fwd(q, k, v, block_size, scale=scale, seq_offsets=seq_offsets,
+                                             first_query=first_query, target=target, **config)
+    pooled /= pooled.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return o, pooled
