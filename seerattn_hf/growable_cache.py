@@ -72,11 +72,11 @@ class GrowableLayer(DynamicLayer):
     # -- writing -----------------------------------------------------------------------------
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)  # device (and dtype) as transformers records them
         for name, states in (("key_states", key_states), ("value_states", value_states)):
             if states.dim() != 4:
                 raise ValueError(f"{type(self).__name__}.update: expected {name} [B, H, T, D]; found shape "
                                  f"{tuple(states.shape)}")
+        super().lazy_initialization(key_states, value_states)  # device (and dtype) as transformers records them
         self.key_buffer = self.value_buffer = None
         capacity = self._capacity_for(key_states.shape[2])
         # Unwritten positions stay uninitialised: nothing reads past the views.
@@ -105,8 +105,10 @@ class GrowableLayer(DynamicLayer):
 
     def _mismatch(self, key_states: torch.Tensor, value_states: torch.Tensor) -> str | None:
         """What keeps the states from being appended to the cached ones (None: they fit)."""
-        for name, states, cached in (("key_states", key_states, self.keys), ("value_states", value_states, self.values)):
-            same_shape = states.dim() == 4 and states.shape[:2] == cached.shape[:2] and states.shape[3] == cached.shape[3]
+        for name, states, cached in (("key_states", key_states, self.keys),
+                                     ("value_states", value_states, self.values)):
+            same_shape = (states.dim() == 4 and states.shape[:2] == cached.shape[:2]
+                          and states.shape[3] == cached.shape[3])
             if not same_shape or states.dtype != cached.dtype or states.device != cached.device:
                 batch, heads, _, dim = cached.shape
                 return (f"expected {name} [B={batch}, H={heads}, T, D={dim}] {cached.dtype} on {cached.device}, "

@@ -173,7 +173,8 @@ def test_batch_operations_act_on_the_buffers_and_keep_the_spare_room():
                              ("batch_select_indices", torch.tensor([0, 3, 5]))):
         getattr(grown, method)(argument)
         getattr(reference, method)(argument)
-        assert torch.equal(layer.keys, reference.layers[0].keys) and torch.equal(layer.values, reference.layers[0].values)
+        expected = reference.layers[0]
+        assert torch.equal(layer.keys, expected.keys) and torch.equal(layer.values, expected.values)
         assert layer.capacity == 13 and layer.key_buffer.shape[0] == layer.keys.shape[0]
     states = (torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))  # then written in place as before
     assert torch.equal(grown.update(*states, 0)[0], reference.update(*states, 0)[0])
@@ -191,6 +192,14 @@ def test_reset_empties_the_layer_and_keeps_its_buffers_until_another_shape_comes
     cache.reset()
     other = torch.randn(5, 2, 3, 4, dtype=torch.float64)  # another batch and dtype: new buffers
     assert torch.equal(cache.update(other, other, 0)[0], other) and layer.key_buffer.shape[0] == 5
+
+
+def test_early_initialization_allocates_the_initial_capacity():
+    cache = sa.GrowableCache(config=tiny_model("llama").config, initial_capacity=64)
+    cache.early_initialization(2, 2, 16, torch.float32, torch.device("cpu"))
+    assert [(layer.capacity, layer.get_seq_length()) for layer in cache.layers] == [(64, 0), (64, 0)]
+    keys = torch.randn(2, 2, 5, 16)
+    assert torch.equal(cache.update(keys, keys, 1)[0], keys) and cache.layers[1].capacity == 64
 
 
 def test_cache_data_given_to_the_constructor_is_held_in_growable_layers():
@@ -241,9 +250,11 @@ def test_states_that_do_not_fit_the_cached_ones_are_refused_with_both_shapes():
         layer.update(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
     with pytest.raises(ValueError, match=r"expected value_states .* found \(2, 2, 1, 4\) torch.float64"):
         layer.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"expected key_states \[B, H, T, D\]; found shape \(2, 5, 4\)"):
-        GrowableLayer().update(torch.randn(2, 5, 4), torch.randn(2, 5, 4))
     assert layer.get_seq_length() == 5  # a refused update changes nothing
+    fresh = GrowableLayer()
+    with pytest.raises(ValueError, match=r"expected key_states \[B, H, T, D\]; found shape \(2, 5, 4\)"):
+        fresh.update(torch.randn(2, 5, 4), torch.randn(2, 5, 4))
+    assert not fresh.is_initialized and fresh.update(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4))[0].shape[2] == 5
 
 
 @pytest.mark.gpu
