@@ -335,7 +335,8 @@ def decode_main(argv: list[str] | None = None) -> dict:
     if not settings:
         raise ValueError("nothing to time: give --selectors or --baselines")
     if "compiled" in args.modes and device.type != "cuda":
-        raise ValueError(f"--modes compiled needs a CUDA device (CUDA graphs); found {device}: use --modes eager growable static")
+        raise ValueError(f"--modes compiled needs a CUDA device (CUDA graphs); found {device}: use --modes eager "
+                         "growable static")
     rows = benchmark_decoding(model, args.batch_sizes, args.contexts, settings, args.warmup, args.steps, patch,
                               on_point_done=save, prefill_chunk=args.prefill_chunk, modes=tuple(args.modes))
     summary = save(rows)

@@ -63,9 +63,13 @@ def test_growable_mode_decodes_like_eager_from_a_cache_that_never_grows(monkeypa
         sa.apply_seer_attention(target, sa.SeerAttentionConfig(
             block_size=16, gate_hidden_size=16, decode_gate=DecodeGateConfig(block_size=16, gate_hidden_size=16)))
 
-    moves = []
-    reallocate = GrowableLayer._reallocate
-    monkeypatch.setattr(GrowableLayer, "_reallocate", lambda self, needed: moves.append(needed) or reallocate(self, needed))
+    moves, reallocate = [], GrowableLayer._reallocate
+
+    def recorded(self, needed):
+        moves.append(needed)
+        reallocate(self, needed)
+
+    monkeypatch.setattr(GrowableLayer, "_reallocate", recorded)
     settings = build_decode_settings(["gate", "quest"], [48])
     rows = benchmark_decoding(model, [2], [100], settings, warmup=1, steps=2, patch=patch, prefill_chunk=64,
                               modes=("eager", "growable"))
