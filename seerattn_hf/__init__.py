@@ -8,6 +8,7 @@ from .calibration import calibrate_thresholds
 from .config import SeerAttentionConfig
 from .decode_gate import DecodeGateConfig
 from .gate_config import GateConfig
+from .growable_cache import GrowableCache
 from .patching import (
     SUPPORTED_MODEL_TYPES,
     apply_seer_attention,
@@ -25,6 +26,7 @@ from .version import __version__
 __all__ = [
     "DecodeGateConfig",
     "GateConfig",
+    "GrowableCache",
     "SUPPORTED_MODEL_TYPES",
     "SeerAttentionConfig",
     "SparsityPolicy",

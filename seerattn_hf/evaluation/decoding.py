@@ -1,10 +1,12 @@
 """Decoding speed: per-step latency and tokens/s of `model(next_token, cache)` after a long prompt,
 for the unpatched model, the patched model decoding densely, and sparse decoding settings; eager
-(a DynamicCache) and compiled (a StaticCache, `torch.compile(mode="reduce-overhead")`: CUDA graphs).
+(a DynamicCache, or a GrowableCache that writes each step in place instead of copying the cache) and
+compiled (a StaticCache, `torch.compile(mode="reduce-overhead")`: CUDA graphs).
 
 Every setting decodes from the same prefilled cache: after a setting's steps the cache is cropped
 back to the prompt (the key summaries follow the crop), or, for a static cache, the next setting
-writes the same positions again. Untrained (random) decode gates cost what trained ones do: the
+writes the same positions again. A GrowableCache is allocated for the prompt and every step at once,
+so no step of any setting includes a growth of its buffers. Untrained (random) decode gates cost what trained ones do: the
 kernel reads as many blocks either way.
 
 `python scripts/bench_decode.py --config_preset llama-3.1-8b --batch_sizes 1 16 --contexts 32768`
@@ -61,9 +63,10 @@ def build_decode_settings(selectors: list[str], budgets: list[int],
     return settings + [DecodeSetting(selector, budget) for selector in selectors for budget in budgets]
 
 
-# eager: a DynamicCache (what generate() uses by default); static: a StaticCache, eager; compiled: a
-# StaticCache under torch.compile(mode="reduce-overhead"), i.e. CUDA graphs.
-MODES = ("eager", "static", "compiled")
+# eager: a DynamicCache (what generate() uses by default); growable: a GrowableCache, eager, allocated
+# for every position the run writes; static: a StaticCache, eager; compiled: a StaticCache under
+# torch.compile(mode="reduce-overhead"), i.e. CUDA graphs.
+MODES = ("eager", "growable", "static", "compiled")
 
 
 def _takes_cache_position(model: nn.Module) -> bool:
@@ -105,7 +108,8 @@ def time_decoding(model: nn.Module, cache, token: torch.Tensor, context: int, wa
 
 
 def _rewind(cache, tokens: int) -> None:
-    """Take the last `tokens` positions off every layer of the cache. A StaticLayer of transformers
+    """Take the last `tokens` positions off every layer of the cache (a GrowableLayer's crop shortens
+    its views; the next setting writes the same buffer positions again). A StaticLayer of transformers
     5.17 cannot crop: its write position (`cumulative_length`) is moved back instead, and the key
     summaries beside it are told, as a crop would tell them."""
     from ..decode_cache import CACHE_ATTRIBUTE
@@ -118,6 +122,19 @@ def _rewind(cache, tokens: int) -> None:
         summaries = getattr(layer, CACHE_ATTRIBUTE, None)
         if summaries is not None:
             summaries.cropped(int(layer.cumulative_length))
+
+
+def _new_cache(mode: str, model: nn.Module, positions: int):
+    """The empty cache of a mode, for prompts and steps of `positions` positions in all."""
+    from transformers import DynamicCache, StaticCache
+
+    from ..growable_cache import GrowableCache
+
+    if mode == "eager":
+        return DynamicCache(config=model.config)
+    if mode == "growable":
+        return GrowableCache(config=model.config, initial_capacity=positions)
+    return StaticCache(config=model.config, max_cache_len=positions)
 
 
 def _prefill(model: nn.Module, ids: torch.Tensor, cache, chunk: int) -> None:
@@ -153,7 +170,6 @@ def benchmark_decoding(model: nn.Module, batch_sizes: list[int], contexts: list[
     density. The prompt is prefilled in chunks of `prefill_chunk` tokens (the activations of a whole
     batch of long prompts at once would not fit beside the cache); one cache at a time."""
     import seerattn_hf as sa
-    from transformers import DynamicCache, StaticCache
 
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -170,13 +186,11 @@ def benchmark_decoding(model: nn.Module, batch_sizes: list[int], contexts: list[
                     _apply(model, settings[0], patch)
                     if sa.patching.is_patched(model):
                         sa.set_attention_mode(model, "dense")
-                    if mode == "eager":
-                        cache = DynamicCache(config=model.config)
-                    else:
-                        cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps)
+                    cache = _new_cache(mode, model, context + warmup + steps)
                     _prefill(model, ids, cache, prefill_chunk)
                     # An untimed pass first: a DynamicCache's first growth past the prompt allocates
-                    # device memory that every later pass reuses, and would be charged to the first setting.
+                    # device memory that every later pass reuses, and would be charged to the first setting
+                    # (the other caches hold every position already; the pass warms them up alike).
                     time_decoding(model, cache, token, context, warmup, steps)
                     for setting in settings:
                         _apply(model, setting, patch)
@@ -212,8 +226,10 @@ def decode_markdown(summary: dict) -> str:
              f"{summary['device']})", "",
              f"Median of {summary['steps']} steps after {summary['warmup']} warm-up, each step one token per "
              "sequence after a random prompt of `context` tokens. Speed-up: against the unpatched model "
-             "(its own SDPA attention) at the same batch, context and mode. Modes: eager (DynamicCache), "
-             "static (StaticCache), compiled (StaticCache, torch.compile(mode=\"reduce-overhead\")). "
+             "(its own SDPA attention) at the same batch, context and mode. Modes: eager (DynamicCache, which "
+             "copies the whole cache at every step), growable (GrowableCache, eager, allocated for the prompt "
+             "and every step: each step written in place), static (StaticCache), compiled (StaticCache, "
+             "torch.compile(mode=\"reduce-overhead\")). "
              "Density: share of KV blocks read.", ""]
     base = {(r["batch"], r["context"], r.get("mode", "eager")): r for r in summary["results"]
             if r.get("selector") == "unpatched" and "error" not in r}
@@ -282,8 +298,9 @@ def decode_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill_chunk", type=int, default=8192, help="prompt tokens per prefill forward")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES),
                         help="none: the sparse settings alone (speed-ups then need an earlier run's baselines)")
-    parser.add_argument("--modes", nargs="+", default=["eager", "static", "compiled"], choices=list(MODES),
-                        help="eager: DynamicCache; static: StaticCache; compiled: StaticCache + "
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                        help="eager: DynamicCache; growable: GrowableCache (eager, each step written in place, "
+                        "allocated for the prompt and every step); static: StaticCache; compiled: StaticCache + "
                         "torch.compile(mode='reduce-overhead'), CUDA only")
     return parser
 
@@ -319,7 +336,8 @@ def decode_main(argv: list[str] | None = None) -> dict:
     if not settings:
         raise ValueError("nothing to time: give --selectors or --baselines")
     if "compiled" in args.modes and device.type != "cuda":
-        raise ValueError(f"--modes compiled needs a CUDA device (CUDA graphs); found {device}: use --modes eager")
+        raise ValueError(f"--modes compiled needs a CUDA device (CUDA graphs); found {device}: use --modes eager "
+                         "growable static")
     rows = benchmark_decoding(model, args.batch_sizes, args.contexts, settings, args.warmup, args.steps, patch,
                               on_point_done=save, prefill_chunk=args.prefill_chunk, modes=tuple(args.modes))
     summary = save(rows)

@@ -52,6 +52,39 @@ def test_compiled_decoding_is_timed_over_a_static_cache_and_refused_without_cuda
                      "--output", str(tmp_path)])
 
 
+def test_growable_mode_decodes_like_eager_from_a_cache_that_never_grows(monkeypatch, tmp_path):
+    import seerattn_hf as sa
+    from seerattn_hf.decode_gate import DecodeGateConfig
+    from seerattn_hf.evaluation.decoding import benchmark_decoding, build_decode_settings, decode_markdown
+    from seerattn_hf.growable_cache import GrowableLayer
+    from seerattn_hf.models import build_random_model
+
+    model = build_random_model("tiny-llama", "cpu", "fp32")
+
+    def patch(target):
+        sa.apply_seer_attention(target, sa.SeerAttentionConfig(
+            block_size=16, gate_hidden_size=16, decode_gate=DecodeGateConfig(block_size=16, gate_hidden_size=16)))
+
+    moves, reallocate = [], GrowableLayer._reallocate
+
+    def recorded(self, needed):
+        moves.append(needed)
+        reallocate(self, needed)
+
+    monkeypatch.setattr(GrowableLayer, "_reallocate", recorded)
+    settings = build_decode_settings(["gate", "quest"], [48])
+    rows = benchmark_decoding(model, [2], [100], settings, warmup=1, steps=2, patch=patch, prefill_chunk=64,
+                              modes=("eager", "growable"))
+    assert [(r["mode"], r["label"]) for r in rows] == [(m, s.label) for m in ("eager", "growable") for s in settings]
+    assert all("error" not in r for r in rows), rows
+    by_mode = {mode: [r["decode_density"] for r in rows if r["mode"] == mode] for mode in ("eager", "growable")}
+    assert by_mode["growable"] == by_mode["eager"]  # the same blocks kept: the same summaries of the same keys
+    assert moves == []  # allocated for the prompt and every step: no step includes a growth
+    text = decode_markdown({"config_preset": "tiny-llama", "num_layers": 2, "dtype": "fp32", "device": "cpu",
+                            "steps": 2, "warmup": 1, "results": rows})
+    assert "| 2 | 100 | growable | gate budget=48 |" in text and "growable (GrowableCache" in text
+
+
 @pytest.mark.slow
 def test_sparse_decoding_quality_on_smollm2():
     import torch

@@ -213,6 +213,22 @@ def test_triton_nothing_kept_gives_zeros(nan_empty):
         assert torch.equal(naive_sparse_decode_attention(q, k, v, idx, count, 16, lens), torch.zeros_like(q))
 
 
+@pytest.mark.parametrize("kind", ["random", "dense"])
+def test_a_view_of_a_longer_buffer_is_read_as_its_copy(kind, nan_empty):
+    """A GrowableCache's layout: k_cache / v_cache are `buffer[:, :, :S]` of buffers with spare room
+    (NaN here), so their strides are the buffer's; both paths read them in place, as their copies."""
+    case = (2, 8, 2, 32, 16, [130, 77], 144, kind, 2, True)
+    q, k, v, idx, count, bs, lens, offsets, _ = make_case(case, dev=device())
+    buffers = torch.full((2, *k.shape[:2], k.shape[2] + 50, k.shape[3]), float("nan"), device=k.device)
+    buffers[0, :, :, : k.shape[2]], buffers[1, :, :, : k.shape[2]] = k, v
+    k_view, v_view = buffers[0, :, :, : k.shape[2]], buffers[1, :, :, : k.shape[2]]
+    assert not k_view.is_contiguous()
+    for attend in (naive_sparse_decode_attention, triton_sparse_decode_attention):
+        o = attend(q, k_view, v_view, idx, count, bs, lens, seq_offsets=offsets)
+        assert o.isfinite().all()
+        assert torch.equal(o, attend(q, k, v, idx, count, bs, lens, seq_offsets=offsets)), attend.__name__
+
+
 def test_split_count_follows_list_width_and_batch():
     from seerattn_hf.ops.decode_attn.triton import MIN_BLOCKS_PER_SPLIT, split_count
 
