@@ -169,6 +169,14 @@ def _attention_pre_hook(state: SeerLayerState, decode_state: DecodeLayerState):
     return hook
 
 
+def _release_cache_hook(decode_state: DecodeLayerState):
+    """Forward hook of a patched attention module: forget the call's cache, which the module would
+    otherwise keep alive (with all its memory) after the caller has dropped it."""
+    def hook(_module, _args, _output):
+        decode_state.cache = None
+    return hook
+
+
 def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateConfig | None = None) -> nn.Module:
     """Add an initialised gate to every targeted attention layer and route attention through
     SeerAttention (mode "sparse"). Works on a loaded model in any dtype and on any device; each gate
@@ -230,6 +238,7 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
         decode_state = DecodeLayerState(layer_idx, decode_block_size, key_rope)
         state.hooks.append(attention.register_forward_pre_hook(_attention_pre_hook(state, decode_state),
                                                                with_kwargs=True))
+        state.hooks.append(attention.register_forward_hook(_release_cache_hook(decode_state)))
         attention.seer_decode_state = decode_state
         if layer_idx in decode_layers:
             decode_gate = SeerDecodeGate(num_heads, num_kv_heads, head_dim, decode_config, *decode_rope)

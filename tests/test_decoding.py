@@ -164,6 +164,28 @@ def test_beam_search_and_assisted_decoding_follow_the_cache(selector, monkeypatc
     assert torch.equal(incremental[1], _generate(patched, ids, mask, assistant_model=assistant))
 
 
+@pytest.mark.parametrize("selector", [None, "quest"])
+def test_the_model_keeps_no_cache_alive_after_a_call(selector):
+    """A patched model must not hold the last cache (and so all its memory) once the caller drops it."""
+    import gc
+    import weakref
+
+    from transformers import DynamicCache
+
+    _, patched = _pair()
+    sa.update_sparsity_config(patched, decode_selector=selector, decode_token_budget=32)
+    ids, mask = _prompt()
+    cache = DynamicCache(config=patched.config)
+    with torch.no_grad():
+        patched(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        patched(input_ids=ids[:, -1:], attention_mask=torch.cat((mask, mask[:, -1:]), dim=1),
+                past_key_values=cache, use_cache=True)
+    released = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert released() is None
+
+
 def test_dense_mode_and_no_selector_decode_like_the_unpatched_model():
     base, patched = _pair()
     ids, mask = _prompt()
