@@ -9,7 +9,8 @@ block-sparse decode kernel over the cache in place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -17,6 +18,55 @@ from transformers.cache_utils import DynamicLayer
 from .decode_cache import static_address, key_blocks_of
 from .decode_selection import decode_block_lists, oracle_mass_scores, oracle_scores, quest_scores, streaming_scores
 from .ops.decode_attn import sparse_decode_attention
+
+
+class StepExtent:
+    """The extent of the sequences in one forward (`sequence_extent`) and what the decoding layers
+    derive from it alike, computed by the first layer that needs it (`derived`). Holds the mask and
+    position ids it was computed from, so that their ids, which key it, stay unique."""
+
+    def __init__(self, attention_mask, position_ids, offsets: torch.Tensor, lens: torch.Tensor):
+        self.attention_mask, self.position_ids = attention_mask, position_ids
+        self.offsets, self.lens = offsets, lens
+        self.values: dict = {}
+
+    def derived(self, key, make):
+        value = self.values.get(key)
+        if value is None:
+            value = self.values[key] = make()
+        return value
+
+
+class DecodeStep:
+    """What the sparse-decoding layers of one forward share: the sequences' extent and the tensors
+    every layer derives from it alike (positions, current blocks, candidate masks, the decode gate's
+    query rotation), computed once per forward instead of once per layer.
+
+    One object serves all the patched layers of a model. It is emptied when a pass through the layers
+    begins (`begin`, from the attention pre-hook: a layer index no later than the last one seen), and
+    an entry is found only for the very mask and position-id tensors (and key length) it was made
+    from: the layers of one forward are handed the same ones. Not used while compiling (nothing is
+    kept: the compiled graph computes each layer's own)."""
+
+    def __init__(self):
+        self.last_layer = -1
+        self.entries: dict = {}
+
+    def begin(self, layer_idx: int) -> None:
+        if layer_idx <= self.last_layer:
+            self.entries.clear()
+        self.last_layer = layer_idx
+
+    def extent(self, attention_mask, position_ids, batch: int, key_length: int, device) -> StepExtent:
+        if torch.compiler.is_compiling():
+            return StepExtent(None, None, *sequence_extent(attention_mask, position_ids, batch, key_length, device))
+        key = (id(attention_mask), id(position_ids), batch, key_length, device)
+        entry = self.entries.get(key)
+        if entry is None or entry.attention_mask is not attention_mask or entry.position_ids is not position_ids:
+            entry = StepExtent(attention_mask, position_ids,
+                               *sequence_extent(attention_mask, position_ids, batch, key_length, device))
+            self.entries[key] = entry
+        return entry
 
 
 @dataclass
@@ -36,6 +86,8 @@ class DecodeLayerState:
     keeps_summaries: bool = False
     kept_blocks: torch.Tensor | None = None
     total_blocks: torch.Tensor | None = None
+    # Shared by the model's layers (`apply_seer_attention`); a state of its own otherwise.
+    step: DecodeStep = field(default_factory=DecodeStep)
 
     def rope_on(self, device) -> tuple[torch.Tensor, float]:
         """`key_rope` on `device`, moved once (a copy from the host at every use would synchronise)."""
@@ -66,7 +118,8 @@ class DecodeLayerState:
 
     def add_counts(self, kept: torch.Tensor, total: torch.Tensor) -> None:
         # Kept on the device, and added in place: reading them would synchronise every layer at
-        # every step, and a CUDA graph replays writes into the same memory.
+        # every step, and a CUDA graph replays writes into the same memory. total: `[HKV]` or a
+        # scalar, the same for every head.
         self.kept_blocks.add_(kept)
         self.total_blocks.add_(total)
 
@@ -98,7 +151,10 @@ def sequence_extent(attention_mask: torch.Tensor | None, position_ids: torch.Ten
     zeros = torch.zeros(batch, dtype=torch.long, device=device)
     if position_ids is not None:
         # Shared by the batch ([1, T]) when transformers derived them from the cache position.
-        return zeros, position_ids[:, -1].to(device).long().expand(batch) + 1
+        last = position_ids[:, -1]
+        if last.device != device or last.dtype != torch.long:
+            last = last.to(device=device, dtype=torch.long)
+        return zeros, (last + 1).expand(batch)
     return zeros, torch.full((batch,), key_length, dtype=torch.long, device=device)
 
 
@@ -124,7 +180,8 @@ def sparse_decode_step(module, policy, sparse: bool, query: torch.Tensor, key: t
             summaries.count(new_tokens)
         return None
     batch = query.shape[0]
-    offsets, lens = sequence_extent(attention_mask, position_ids, batch, key.shape[2], key.device)
+    extent = state.step.extent(attention_mask, position_ids, batch, key.shape[2], key.device)
+    offsets, lens = extent.offsets, extent.lens
     selector = policy.decode_selector
     summaries = key_blocks_of(cache_layer, state.block_size,
                               lambda: int((offsets + lens)[0]) - new_tokens)
@@ -138,24 +195,109 @@ def sparse_decode_step(module, policy, sparse: bool, query: torch.Tensor, key: t
     size = state.block_size
     num_blocks = -(-key.shape[2] // size)
     newest = query[:, :, -1]
+    current_block, current_column, total = extent.derived(("blocks", size), lambda: _current_blocks(lens, size))
     if selector == "gate":
         if captured_query is None:
             raise RuntimeError(f"layer {state.layer_idx}: the decode gate's pre-RoPE query was not captured")
-        gate_queries = decode_gate.queries(captured_query[:, -1:].detach(), (lens - 1)[:, None])
-        scores = decode_gate.scores(gate_queries, summaries.gate_keys[:, :, :num_blocks])[:, :, 0]
-    elif selector == "quest":
-        scores = quest_scores(newest, summaries.key_max[:, :, :num_blocks], summaries.key_min[:, :, :num_blocks])
+        if captured_query.shape[1] != 1:
+            captured_query = captured_query[:, -1:]
+        if captured_query.requires_grad:
+            captured_query = captured_query.detach()
+        positions = extent.derived("positions", lambda: (lens - 1)[:, None])
+        rope = (extent.derived(("gate rope", decode_gate.rope_key()), lambda: decode_gate.query_rope(positions))
+                if decode_gate.config.rope else None)
     elif selector in ("oracle", "oracle_mass"):
         pooled = oracle_scores if selector == "oracle" else oracle_mass_scores
         scores = pooled(newest, key, offsets, lens, size, num_blocks, scale)
-    else:
+    elif selector != "quest":
         scores = streaming_scores(batch, key.shape[1], num_blocks, key.device)
-    current_block = (lens - 1) // size
-    block_idx, block_count = decode_block_lists(
-        scores, current_block, size, policy.decode_sparsity_method, policy.decode_token_budget,
-        policy.decode_threshold, policy.decode_keep_first_block, probabilities=selector == "gate")
-    state.add_counts(block_count.sum(dim=0), (current_block + 1).sum().expand(block_count.shape[1]))
+
+    def blocked():  # the slots that are not candidates, `[B, 1, NB]`
+        return extent.derived(("blocked", size, num_blocks), lambda: torch.arange(
+            num_blocks, device=current_block.device) >= current_block.view(-1, 1, 1))
+
+    method, budget = policy.decode_sparsity_method, policy.decode_token_budget
+    lists = (current_block, size, method, budget, policy.decode_threshold, policy.decode_keep_first_block)
+    if selector in ("gate", "quest"):
+        plain = gate_block_lists if selector == "gate" else quest_block_lists
+        inputs = ((decode_gate, captured_query, positions, rope, summaries.gate_keys) if selector == "gate"
+                  else (newest, summaries.key_max, summaries.key_min))
+        compiled = COMPILED_SELECTION.function(plain, key.device)
+        if compiled is plain:
+            block_idx, block_count = plain(*inputs, num_blocks, *lists, blocked=blocked(),
+                                           current_column=current_column)
+        else:  # the candidate masks are computed in the graph, fused
+            block_idx, block_count = compiled(*inputs, num_blocks, *lists)
+    else:
+        block_idx, block_count = decode_block_lists(
+            scores, current_block, size, method, budget, policy.decode_threshold, policy.decode_keep_first_block,
+            probabilities=False, blocked=blocked(), current_column=current_column)
+    state.add_counts(block_count.sum(dim=0), total)
     use_triton = key.is_cuda and policy.backend != "torch"  # FA4 has no sparse decoding: our kernel serves it
     output = sparse_decode_attention(newest, key, value, block_idx, block_count, size, lens, scale, offsets,
                                      use_triton)
     return output[:, None]
+
+
+def _current_blocks(lens: torch.Tensor, size: int):
+    """Each sequence's current block `[B]`, as `[B, 1, 1]` int32, and the blocks a step's token
+    can read, summed over the batch (a scalar)."""
+    current_block = (lens - 1) // size
+    return current_block, current_block.view(-1, 1, 1).to(torch.int32), (current_block + 1).sum()
+
+
+# -- the selection of one layer, optionally compiled -------------------------------------------
+
+def gate_block_lists(gate, query, positions, rope, gate_keys, num_blocks: int, current_block, *lists,
+                     blocked=None, current_column=None):
+    """The decode gate's kept-block lists: gate query `[B, HKV, 1, h]` of the pre-RoPE query
+    `[B, 1, HQ, D]` at `positions` (rotated by `rope`, `SeerDecodeGate.query_rope`, or None), its
+    logits against the first `num_blocks` gate keys of `gate_keys: [B, HKV, >= NB, h]`, then
+    `decode_block_lists(scores, current_block, *lists, ...)`."""
+    scores = gate.scores(gate.queries(query, positions, rope), gate_keys[:, :, :num_blocks])[:, :, 0]
+    return decode_block_lists(scores, current_block, *lists, probabilities=True, blocked=blocked,
+                              current_column=current_column)
+
+
+def quest_block_lists(query, key_max, key_min, num_blocks: int, current_block, *lists, blocked=None,
+                      current_column=None):
+    """Quest's kept-block lists: the bound of the post-RoPE query `[B, HQ, D]` over the extremes of
+    the first `num_blocks` blocks of `key_max` / `key_min: [B, HKV, >= NB, D]`."""
+    scores = quest_scores(query, key_max[:, :, :num_blocks], key_min[:, :, :num_blocks])
+    return decode_block_lists(scores, current_block, *lists, probabilities=False, blocked=blocked,
+                              current_column=current_column)
+
+
+@dataclass
+class CompiledSelection:
+    """Whether eager decoding runs each layer's selection (gate query, scores, kept-block lists; the
+    Quest bound and lists) as one `torch.compile`d graph on `devices`, a few fused kernels in place of
+    some thirty launches. Off by default (`SEERATTN_COMPILE_SELECTION=1` turns it on): the first
+    decoding step pays the compilation (seconds), and the results, while the same selection, can
+    differ from the eager ones in the last bits of the scores (fused arithmetic), hence in a tie.
+    Shapes are dynamic (`dynamic=True`): the block count growing, a new batch size or cache capacity
+    do not recompile. Under an outer `torch.compile`, and on other devices, the plain functions run."""
+
+    enabled: bool = os.environ.get("SEERATTN_COMPILE_SELECTION", "0") == "1"
+    devices: tuple[str, ...] = ("cuda",)
+    backend: str = "inductor"
+    compiled: dict = field(default_factory=dict)
+
+    def function(self, plain, device):
+        if not self.enabled or device.type not in self.devices or torch.compiler.is_compiling():
+            return plain
+        compiled = self.compiled.get(plain)
+        if compiled is None:
+            compiled = self.compiled[plain] = torch.compile(plain, fullgraph=True, dynamic=True,
+                                                            backend=self.backend)
+        return compiled
+
+
+COMPILED_SELECTION = CompiledSelection()
+
+
+def compile_selection(enabled: bool = True, backend: str = "inductor", devices: tuple[str, ...] = ("cuda",)) -> None:
+    """Turn the compiled per-layer selection of eager decoding on or off (see `CompiledSelection`)."""
+    COMPILED_SELECTION.enabled, COMPILED_SELECTION.backend = enabled, backend
+    COMPILED_SELECTION.devices = tuple(devices)
+    COMPILED_SELECTION.compiled.clear()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gate_config import K_POOLINGS, check_shape_fields, field_names
-from .rope import apply_rope
+from .rope import apply_rope, rope_angles, rotate
 from .validation import check, reject_unknown
 
 Q_HEAD_MAPS = ("linear", "mean")
@@ -119,6 +119,8 @@ class SeerDecodeGate(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.ones(shape)))
         self.register_buffer("rope_inv_freq", rope_inv_freq.float(), persistent=False)
         self.rope_scaling = rope_scaling
+        # The frequencies as built (the buffer is never changed in place; `.to()` moves or casts it).
+        self._rope_values = tuple(rope_inv_freq.float().cpu().tolist())
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -134,20 +136,40 @@ class SeerDecodeGate(nn.Module):
     # The gate computes in float32 whatever dtype its parameters were cast to (`model.to(bf16)`).
     def _finish(self, x: torch.Tensor, positions: torch.Tensor, norm_weight_name: str) -> torch.Tensor:
         if self.config.qk_norm:
-            x = F.rms_norm(x, (x.shape[-1],), getattr(self, norm_weight_name).float(), eps=NORM_EPS)
+            x = F.rms_norm(x, (x.shape[-1],), _float32(getattr(self, norm_weight_name)), eps=NORM_EPS)
         if self.config.rope:
             x = apply_rope(x, positions, self.rope_inv_freq, self.rope_scaling)
         return x
 
-    def queries(self, query: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """query: `[B, T, HQ, D]` pre-RoPE states; positions: `[B, T]` -> gate queries `[B, HKV, T, h]`."""
+    def rope_key(self) -> tuple:
+        """What the gate's rotation depends on besides the positions: equal in two gates built from
+        one model's rope parameters (and moved or cast alike), which then share `query_rope`."""
+        inv_freq = self.rope_inv_freq
+        return (self._rope_values, inv_freq.dtype, inv_freq.device, self.rope_scaling)
+
+    def query_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotation `queries` applies at `positions: [B, T]` (None without rope)."""
+        if not self.config.rope:
+            return None
+        return rope_angles(positions[:, None, :], self.rope_inv_freq, positions.device)
+
+    def queries(self, query: torch.Tensor, positions: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """query: `[B, T, HQ, D]` pre-RoPE states; positions: `[B, T]` -> gate queries `[B, HKV, T, h]`.
+        rope: `query_rope(positions)`, where it was computed already (the same in every layer)."""
         batch, length = query.shape[:2]
-        grouped = query.float().view(batch, length, self.num_kv_heads, -1, self.head_dim)
+        grouped = _float32(query).view(batch, length, self.num_kv_heads, -1, self.head_dim)
         if self.config.q_head_map == "linear":
-            projected = torch.einsum("btkgd,kgdo->bkto", grouped, self.q_weight.float())
+            projected = torch.einsum("btkgd,kgdo->bkto", grouped, _float32(self.q_weight))
         else:
-            projected = torch.einsum("btkd,kdo->bkto", grouped.mean(dim=3), self.q_weight.float())
-        return self._finish(projected, positions[:, None, :], "q_norm_weight")
+            projected = torch.einsum("btkd,kdo->bkto", grouped.mean(dim=3), _float32(self.q_weight))
+        if self.config.qk_norm:
+            projected = F.rms_norm(projected, (projected.shape[-1],), _float32(self.q_norm_weight), eps=NORM_EPS)
+        if not self.config.rope:
+            return projected
+        if rope is None:
+            rope = self.query_rope(positions)
+        return rotate(projected, *rope, self.rope_scaling)
 
     def keys(self, pooled: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """pooled: `[B, HKV, NB, D * len(k_pooling)]` (`pool_key_blocks` of pre-RoPE keys);
@@ -158,3 +180,7 @@ class SeerDecodeGate(nn.Module):
     def scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Logits `[B, HKV, T, NB]` of gate queries `[B, HKV, T, h]` against gate keys `[B, HKV, NB, h]`."""
         return queries @ keys.transpose(-1, -2) / math.sqrt(queries.shape[-1])
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()

@@ -62,9 +62,13 @@ def quest_scores(query: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tens
     maxed over the GQA group: `[B, HKV, NB]`. query: `[B, HQ, D]` post-RoPE; key_max/min: `[B, HKV, NB, D]`."""
     batch, heads, dim = query.shape
     kv_heads = key_max.shape[1]
-    grouped = query.float().view(batch, kv_heads, heads // kv_heads, 1, dim)
-    bound = torch.maximum(grouped * key_max.float()[:, :, None], grouped * key_min.float()[:, :, None])
+    grouped = _float32(query).view(batch, kv_heads, heads // kv_heads, 1, dim)
+    bound = torch.maximum(grouped * _float32(key_max)[:, :, None], grouped * _float32(key_min)[:, :, None])
     return bound.sum(dim=-1).amax(dim=2)
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def streaming_scores(batch: int, kv_heads: int, num_blocks: int, device) -> torch.Tensor:
@@ -74,7 +78,8 @@ def streaming_scores(batch: int, kv_heads: int, num_blocks: int, device) -> torc
 
 def decode_block_lists(scores: torch.Tensor, current_block: torch.Tensor, block_size: int, method: str,
                        token_budget: int, threshold: float, keep_first_block: bool,
-                       probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       probabilities: bool, blocked: torch.Tensor | None = None,
+                       current_column: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept-block lists of one decoding step.
 
     scores: `[B, HKV, NB]` over block slots (higher is better); current_block: `[B]`, each sequence's
@@ -82,10 +87,17 @@ def decode_block_lists(scores: torch.Tensor, current_block: torch.Tensor, block_
     candidates (gate) or already a distribution / ranking (for the threshold method: oracle scores are
     normalised over the candidates). Returns `block_idx: [B, HKV, K]` int32 (the kept blocks first,
     the current block among them) and `block_count: [B, HKV]` int32.
+
+    blocked (`[B, 1, NB]` bool, the slots that are not candidates: `~candidate_mask`) and
+    current_column (`[B, 1, 1]` int32, `current_block`) may be given precomputed: they are the same
+    in every layer of a decoding step.
     """
     batch, kv_heads, num_blocks = scores.shape
-    candidates = candidate_mask(current_block, num_blocks)
-    ranked = scores.float().masked_fill(~candidates, float("-inf"))
+    if blocked is None:
+        blocked = torch.arange(num_blocks, device=current_block.device) >= current_block.view(-1, 1, 1)
+    if current_column is None:
+        current_column = current_block.view(-1, 1, 1).to(torch.int32)
+    ranked = (scores if scores.dtype == torch.float32 else scores.float()).masked_fill(blocked, float("-inf"))
     if method == "token_budget":
         width = min(max(token_budget // block_size - 1, 0), num_blocks)
         keep_score = ranked
@@ -93,25 +105,24 @@ def decode_block_lists(scores: torch.Tensor, current_block: torch.Tensor, block_
         if probabilities:
             weights = ranked.softmax(dim=-1)
         else:
-            weights = ranked.clamp(min=0).masked_fill(~candidates, 0.0)
+            weights = ranked.clamp(min=0).masked_fill(blocked, 0.0)
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-30)
         weights = torch.nan_to_num(weights, nan=0.0)
-        keep_score = torch.where(candidates & (weights > threshold), weights, float("-inf"))
+        keep_score = torch.where(~blocked & (weights > threshold), weights, float("-inf"))
         width = num_blocks
     if keep_first_block and num_blocks:
-        sink = torch.where(candidates[..., :1], float("inf"), keep_score[..., :1])
+        sink = torch.where(blocked[..., :1], keep_score[..., :1], float("inf"))
         keep_score = torch.cat((sink, keep_score[..., 1:]), dim=-1)
-    if width:
-        top, index = keep_score.topk(width, dim=-1)
-        chosen = (top > float("-inf")).sum(dim=-1)  # [B, HKV]
-    else:
-        index = scores.new_zeros(batch, kv_heads, 0, dtype=torch.long)
-        chosen = torch.zeros(batch, kv_heads, dtype=torch.long, device=scores.device)
-    slots = torch.arange(width + 1, device=scores.device)
-    current = current_block[:, None, None].expand(batch, kv_heads, width + 1)
-    padded = torch.cat((index, current[..., :1]), dim=-1)
-    block_idx = torch.where(slots < chosen[..., None], padded, current)
-    return block_idx.to(torch.int32).contiguous(), (chosen + 1).to(torch.int32).contiguous()
+    if not width:
+        block_idx = current_column.expand(batch, kv_heads, 1)
+        return block_idx.contiguous(), torch.ones(batch, kv_heads, dtype=torch.int32, device=scores.device)
+    top, index = keep_score.topk(width, dim=-1)
+    chosen = (top > float("-inf")).sum(dim=-1, dtype=torch.int32)  # [B, HKV]
+    # Slot j < chosen holds the j-th kept block, every later slot (the last one always) the current block.
+    padded = torch.nn.functional.pad(index.to(torch.int32), (0, 1))
+    slots = torch.arange(width + 1, device=scores.device, dtype=torch.int32)
+    block_idx = torch.where(slots < chosen[..., None], padded, current_column)
+    return block_idx, chosen + 1
 
 
 __all__ = ["DECODE_SELECTORS", "DECODE_SPARSITY_METHODS", "decode_block_lists", "oracle_mass_scores",

@@ -18,7 +18,7 @@ from torch import nn
 from .attention import MODES, SeerLayerState, seer_attention_forward
 from .attention_registry import attention_function, register_attention_function
 from .config import SeerAttentionConfig
-from .decode_attention import DecodeLayerState, cache_argument, decode_is_sparse
+from .decode_attention import DecodeLayerState, DecodeStep, cache_argument, decode_is_sparse
 from .decode_distill import DISTILL_KINDS, DecodeDistillSettings
 from .decode_gate import SeerDecodeGate
 from .gate import SeerGate, gate_weight_shapes
@@ -163,6 +163,7 @@ def _attention_pre_hook(state: SeerLayerState, decode_state: DecodeLayerState):
     cache (the attention function is not given it) and plan what the capture hooks store."""
     def hook(module, args, kwargs):
         decode_state.cache = cache_argument(kwargs)
+        decode_state.step.begin(decode_state.layer_idx)
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         state.plan_captures(decode_state.surely_decoding(hidden_states.shape[1]),
                             lambda: decode_is_sparse(state.policy, decode_state, hasattr(module, "seer_decode_gate")))
@@ -222,6 +223,7 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
     registered_name = _registered_name(original)
 
     # Everything is checked: from here on the model changes.
+    decode_step = DecodeStep()  # what the decoding layers of one forward share
     for layer in decoder_layers(model):
         layer.self_attn.seer_dense_attention = dense_attention
     for layer_idx in layers:
@@ -235,7 +237,7 @@ def apply_seer_attention(model: nn.Module, config: SeerAttentionConfig | GateCon
         ]
         attention.seer_state = state
         # Every gated layer can decode sparsely (oracle, Quest and streaming need no decode gate).
-        decode_state = DecodeLayerState(layer_idx, decode_block_size, key_rope)
+        decode_state = DecodeLayerState(layer_idx, decode_block_size, key_rope, step=decode_step)
         state.hooks.append(attention.register_forward_pre_hook(_attention_pre_hook(state, decode_state),
                                                                with_kwargs=True))
         state.hooks.append(attention.register_forward_hook(_release_cache_hook(decode_state)))

@@ -29,14 +29,33 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, device,
+                inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin) `[..., N, dim]` float32 of `positions` (`[..., N]`) for `rotate`: the sine's
+    halves carry the sign of the rotate-half convention (`-sin, sin`; `sin, -sin` to undo it)."""
+    if positions.dtype != torch.float32:
+        positions = positions.to(torch.float32)
+    if inv_freq.device != device:
+        inv_freq = inv_freq.to(device)
+    angles = positions[..., None] * inv_freq
+    sin = angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos(), torch.cat((sin, -sin) if inverse else (-sin, sin), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, scaling: float = 1.0,
+           inverse: bool = False) -> torch.Tensor:
+    """`x` rotated by `rope_angles`, in float32: exactly `x * cos +- rotate_half(x) * sin`, as the
+    halves swapped (`roll`) times the signed sine are `rotate_half(x) * sin` term by term."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    rotated = x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    if scaling == 1.0:
+        return rotated
+    return rotated / scaling if inverse else rotated * scaling
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0,
                inverse: bool = False) -> torch.Tensor:
     """Rotate `x: [..., N, dim]` to `positions` (broadcastable to `[..., N]`), rotate-half convention,
     in float32. `inverse=True` undoes the rotation (and the scaling) exactly."""
-    angles = positions.to(torch.float32)[..., None] * inv_freq.to(x.device)
-    angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos(), angles.sin()
-    x = x.float()
-    if inverse:
-        return (x * cos - rotate_half(x) * sin) / scaling
-    return (x * cos + rotate_half(x) * sin) * scaling
+    return rotate(x, *rope_angles(positions, inv_freq, x.device, inverse), scaling, inverse)
