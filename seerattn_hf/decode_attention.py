@@ -16,7 +16,8 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .decode_cache import static_address, key_blocks_of
-from .decode_selection import decode_block_lists, oracle_mass_scores, oracle_scores, quest_scores, streaming_scores
+from .decode_selection import (blocked_slots, decode_block_lists, oracle_mass_scores, oracle_scores, quest_scores,
+                               streaming_scores)
 from .ops.decode_attn import sparse_decode_attention
 
 
@@ -213,8 +214,7 @@ def sparse_decode_step(module, policy, sparse: bool, query: torch.Tensor, key: t
         scores = streaming_scores(batch, key.shape[1], num_blocks, key.device)
 
     def blocked():  # the slots that are not candidates, `[B, 1, NB]`
-        return extent.derived(("blocked", size, num_blocks), lambda: torch.arange(
-            num_blocks, device=current_block.device) >= current_block.view(-1, 1, 1))
+        return extent.derived(("blocked", size, num_blocks), lambda: blocked_slots(current_block, num_blocks))
 
     method, budget = policy.decode_sparsity_method, policy.decode_token_budget
     lists = (current_block, size, method, budget, policy.decode_threshold, policy.decode_keep_first_block)

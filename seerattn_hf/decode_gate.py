@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .decode_selection import as_float32
 from .gate_config import K_POOLINGS, check_shape_fields, field_names
-from .rope import apply_rope, rope_angles, rotate
+from .rope import rope_angles, rotate
 from .validation import check, reject_unknown
 
 Q_HEAD_MAPS = ("linear", "mean")
@@ -134,12 +135,16 @@ class SeerDecodeGate(nn.Module):
             nn.init.ones_(self.k_norm_weight)
 
     # The gate computes in float32 whatever dtype its parameters were cast to (`model.to(bf16)`).
-    def _finish(self, x: torch.Tensor, positions: torch.Tensor, norm_weight_name: str) -> torch.Tensor:
+    def _finish(self, x: torch.Tensor, positions: torch.Tensor, norm_weight_name: str,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """RMS norm, then the rotation to `positions` (`rope`: `rope_angles` of them, if made already)."""
         if self.config.qk_norm:
-            x = F.rms_norm(x, (x.shape[-1],), _float32(getattr(self, norm_weight_name)), eps=NORM_EPS)
-        if self.config.rope:
-            x = apply_rope(x, positions, self.rope_inv_freq, self.rope_scaling)
-        return x
+            x = F.rms_norm(x, (x.shape[-1],), as_float32(getattr(self, norm_weight_name)), eps=NORM_EPS)
+        if not self.config.rope:
+            return x
+        if rope is None:
+            rope = rope_angles(positions, self.rope_inv_freq, x.device)
+        return rotate(x, *rope, self.rope_scaling)
 
     def rope_key(self) -> tuple:
         """What the gate's rotation depends on besides the positions: equal in two gates built from
@@ -158,18 +163,12 @@ class SeerDecodeGate(nn.Module):
         """query: `[B, T, HQ, D]` pre-RoPE states; positions: `[B, T]` -> gate queries `[B, HKV, T, h]`.
         rope: `query_rope(positions)`, where it was computed already (the same in every layer)."""
         batch, length = query.shape[:2]
-        grouped = _float32(query).view(batch, length, self.num_kv_heads, -1, self.head_dim)
+        grouped = as_float32(query).view(batch, length, self.num_kv_heads, -1, self.head_dim)
         if self.config.q_head_map == "linear":
-            projected = torch.einsum("btkgd,kgdo->bkto", grouped, _float32(self.q_weight))
+            projected = torch.einsum("btkgd,kgdo->bkto", grouped, as_float32(self.q_weight))
         else:
-            projected = torch.einsum("btkd,kdo->bkto", grouped.mean(dim=3), _float32(self.q_weight))
-        if self.config.qk_norm:
-            projected = F.rms_norm(projected, (projected.shape[-1],), _float32(self.q_norm_weight), eps=NORM_EPS)
-        if not self.config.rope:
-            return projected
-        if rope is None:
-            rope = self.query_rope(positions)
-        return rotate(projected, *rope, self.rope_scaling)
+            projected = torch.einsum("btkd,kdo->bkto", grouped.mean(dim=3), as_float32(self.q_weight))
+        return self._finish(projected, positions[:, None, :], "q_norm_weight", rope)
 
     def keys(self, pooled: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """pooled: `[B, HKV, NB, D * len(k_pooling)]` (`pool_key_blocks` of pre-RoPE keys);
@@ -180,7 +179,3 @@ class SeerDecodeGate(nn.Module):
     def scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Logits `[B, HKV, T, NB]` of gate queries `[B, HKV, T, h]` against gate keys `[B, HKV, NB, h]`."""
         return queries @ keys.transpose(-1, -2) / math.sqrt(queries.shape[-1])
-
-
-def _float32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float32 else x.float()

@@ -18,9 +18,21 @@ DECODE_SELECTORS = ("gate", "oracle", "oracle_mass", "quest", "streaming")
 DECODE_SPARSITY_METHODS = ("token_budget", "threshold")
 
 
+def blocked_slots(current_block: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """`[B, 1, NB]` bool: the block slots that are not candidates (each sequence's current block and
+    every later slot)."""
+    return torch.arange(num_blocks, device=current_block.device) >= current_block.view(-1, 1, 1)
+
+
 def candidate_mask(current_block: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """`[B, 1, NB]` bool: the complete blocks before each sequence's current block."""
-    return torch.arange(num_blocks, device=current_block.device)[None, None, :] < current_block[:, None, None]
+    return ~blocked_slots(current_block, num_blocks)
+
+
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32, without dispatching a no-op cast when it is already (the decoding hot path
+    counts host operations)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def _pooled_attention(query, keys, seq_offsets, seq_lens, block_size, num_blocks, scale, mass: bool):
@@ -62,13 +74,9 @@ def quest_scores(query: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tens
     maxed over the GQA group: `[B, HKV, NB]`. query: `[B, HQ, D]` post-RoPE; key_max/min: `[B, HKV, NB, D]`."""
     batch, heads, dim = query.shape
     kv_heads = key_max.shape[1]
-    grouped = _float32(query).view(batch, kv_heads, heads // kv_heads, 1, dim)
-    bound = torch.maximum(grouped * _float32(key_max)[:, :, None], grouped * _float32(key_min)[:, :, None])
+    grouped = as_float32(query).view(batch, kv_heads, heads // kv_heads, 1, dim)
+    bound = torch.maximum(grouped * as_float32(key_max)[:, :, None], grouped * as_float32(key_min)[:, :, None])
     return bound.sum(dim=-1).amax(dim=2)
-
-
-def _float32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float32 else x.float()
 
 
 def streaming_scores(batch: int, kv_heads: int, num_blocks: int, device) -> torch.Tensor:
@@ -88,16 +96,16 @@ def decode_block_lists(scores: torch.Tensor, current_block: torch.Tensor, block_
     normalised over the candidates). Returns `block_idx: [B, HKV, K]` int32 (the kept blocks first,
     the current block among them) and `block_count: [B, HKV]` int32.
 
-    blocked (`[B, 1, NB]` bool, the slots that are not candidates: `~candidate_mask`) and
+    blocked (`[B, 1, NB]` bool, `blocked_slots(current_block, NB)`) and
     current_column (`[B, 1, 1]` int32, `current_block`) may be given precomputed: they are the same
     in every layer of a decoding step.
     """
     batch, kv_heads, num_blocks = scores.shape
     if blocked is None:
-        blocked = torch.arange(num_blocks, device=current_block.device) >= current_block.view(-1, 1, 1)
+        blocked = blocked_slots(current_block, num_blocks)
     if current_column is None:
         current_column = current_block.view(-1, 1, 1).to(torch.int32)
-    ranked = (scores if scores.dtype == torch.float32 else scores.float()).masked_fill(blocked, float("-inf"))
+    ranked = as_float32(scores).masked_fill(blocked, float("-inf"))
     if method == "token_budget":
         width = min(max(token_budget // block_size - 1, 0), num_blocks)
         keep_score = ranked
@@ -125,5 +133,5 @@ def decode_block_lists(scores: torch.Tensor, current_block: torch.Tensor, block_
     return block_idx, chosen + 1
 
 
-__all__ = ["DECODE_SELECTORS", "DECODE_SPARSITY_METHODS", "decode_block_lists", "oracle_mass_scores",
-           "oracle_scores", "quest_scores", "streaming_scores", "candidate_mask"]
+__all__ = ["DECODE_SELECTORS", "DECODE_SPARSITY_METHODS", "as_float32", "blocked_slots", "candidate_mask",
+           "decode_block_lists", "oracle_mass_scores", "oracle_scores", "quest_scores", "streaming_scores"]
